@@ -1,0 +1,250 @@
+"""Documents datasets: zstd-compressed JSONL parts, one JSON object per line (DESIGN.md §4).
+
+Each line holds at least ``id`` (string, unique in the dataset) and ``text`` (string); other
+fields pass through. Lines that cannot be documents are *quarantined*, never dropped: they go to
+a ``_quarantine/`` part with their source location and the reason.
+
+Invariant: a part is published whole (``Store.create``), so a reader never sees a half part;
+zstd output is deterministic for a given input and level, so rewriting a part gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import IO, Any, Iterable, Iterator
+
+import zstandard
+
+from blt_data.registry import Manifest, PartInfo, Registry
+from blt_data.storage import Store
+
+ZSTD_LEVEL = 3
+DEFAULT_PART_BYTES = 256 * 10**6
+READ_CHUNK = 4 << 20
+DECOMPRESS_SLICE = 128 << 10
+PART_EXT = ".jsonl.zst"
+
+
+def part_name(index: int, ext: str = PART_EXT) -> str:
+    return f"part-{index:06d}{ext}"
+
+
+def encode_line(obj: dict[str, Any]) -> bytes:
+    # default=str: pass-through fields from Parquet (timestamps, decimals) must not stop a job.
+    return json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+
+
+def check_document(obj: Any, text_field: str = "text") -> str | None:
+    """Why ``obj`` cannot be a document, or None when it can."""
+    if not isinstance(obj, dict):
+        return f"not a JSON object (got {type(obj).__name__})"
+    if text_field not in obj:
+        return f"missing field {text_field!r}"
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return f"field {text_field!r} is {type(text).__name__}, not a string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"field {text_field!r} is not valid Unicode (lone surrogate)"
+    return None
+
+
+def quarantine_record(source: str, line: int, reason: str, raw: bytes | str) -> dict[str, Any]:
+    """What a quarantined line becomes: where it came from, why, and the line itself."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="backslashreplace")
+    return {"source": source, "line": line, "reason": reason, "raw": raw}
+
+
+class PartWriter:
+    """One zstd JSONL part, streamed to the store and published on ``close``."""
+
+    def __init__(self, store: Store, rel: str, path_in_manifest: str, split: str = "train"):
+        self.path_in_manifest = path_in_manifest
+        self.split = split
+        self._ctx = store.create(rel)
+        self._sink = self._ctx.__enter__()
+        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(self._sink, closefd=False)
+        self.rows = 0
+        self.uncompressed_bytes = 0
+
+    def write_line(self, line: bytes) -> None:
+        self._zstd.write(line)
+        self.rows += 1
+        self.uncompressed_bytes += len(line)
+
+    def close(self) -> PartInfo:
+        self._zstd.flush(zstandard.FLUSH_FRAME)
+        self._zstd.close()
+        self._ctx.__exit__(None, None, None)
+        return PartInfo(
+            path=self.path_in_manifest,
+            rows=self.rows,
+            bytes=self._sink.nbytes,
+            sha256=self._sink.sha256,
+            split=self.split,
+        )
+
+    def abort(self) -> None:
+        try:
+            self._zstd.close()
+        finally:
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+class DocumentWriter:
+    """Writes document lines into parts ``part-NNNNNN.jsonl.zst``, rotating at a target size.
+
+    ``folder`` is store-relative; ``manifest_prefix`` is the same folder relative to the
+    dataset directory (what a manifest's part paths start with).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        folder: str,
+        manifest_prefix: str,
+        target_part_bytes: int = DEFAULT_PART_BYTES,
+        first_index: int = 0,
+        split: str = "train",
+    ):
+        self.store = store
+        self.folder = folder
+        self.manifest_prefix = manifest_prefix
+        self.target_part_bytes = target_part_bytes
+        self.index = first_index
+        self.split = split
+        self.parts: list[PartInfo] = []
+        self._part: PartWriter | None = None
+
+    def _open(self) -> PartWriter:
+        name = part_name(self.index)
+        return PartWriter(self.store, f"{self.folder}/{name}", f"{self.manifest_prefix}/{name}", self.split)
+
+    def write_line(self, line: bytes) -> PartInfo | None:
+        """Add one line; returns the finished part when this line completed one."""
+        if self._part is None:
+            self._part = self._open()
+        self._part.write_line(line)
+        if self._part.uncompressed_bytes >= self.target_part_bytes:
+            return self.finish_part()
+        return None
+
+    def finish_part(self) -> PartInfo | None:
+        if self._part is None:
+            return None
+        info = self._part.close()
+        self._part = None
+        self.parts.append(info)
+        self.index += 1
+        return info
+
+    def close(self) -> list[PartInfo]:
+        self.finish_part()
+        return self.parts
+
+    def __enter__(self) -> "DocumentWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._part is not None:
+            self._part.abort()
+
+
+def read_chunks(f: IO[bytes], size: int = READ_CHUNK) -> Iterator[bytes]:
+    while chunk := f.read(size):
+        yield chunk
+
+
+def _decompressed(f: IO[bytes], new_decompressor, truncated: Exception) -> Iterator[bytes]:
+    """Decompressed chunks of a multi-frame (or multi-member) stream.
+
+    Compressed input is fed in small slices so that when the data is damaged, only the last
+    slice's output is lost: what was read before the damage reaches the caller. A stream that
+    ends inside a frame raises ``truncated`` (zstd's own stream reader ends quietly instead).
+    """
+    dobj = new_decompressor()
+    inside_frame = False
+    for chunk in read_chunks(f):
+        for start in range(0, len(chunk), DECOMPRESS_SLICE):
+            data = chunk[start : start + DECOMPRESS_SLICE]
+            while data:
+                out = dobj.decompress(data)
+                inside_frame = True
+                if out:
+                    yield out
+                if dobj.eof:  # a frame ended; what follows belongs to the next one
+                    data = dobj.unused_data
+                    dobj = new_decompressor()
+                    inside_frame = False
+                else:
+                    data = b""
+    if inside_frame:
+        raise truncated
+
+
+def zstd_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    dctx = zstandard.ZstdDecompressor()
+    return _decompressed(f, dctx.decompressobj, zstandard.ZstdError("input ended inside a zstd frame (file truncated)"))
+
+
+def gzip_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    # wbits 16 + MAX_WBITS: gzip framing (header and trailer checked).
+    return _decompressed(f, lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), EOFError("input ended inside a gzip member (file truncated)"))
+
+
+def split_lines(chunks: Iterable[bytes], pending: list[bytes] | None = None) -> Iterator[bytes]:
+    """Lines (without newline) from an iterable of byte chunks.
+
+    A line longer than a chunk is gathered piece by piece (no quadratic re-concatenation), so a
+    50 MB single-line document costs one join. ``pending`` receives an unfinished last line if
+    the stream raises, so the caller can keep what was read before the damage.
+    """
+    pending = [] if pending is None else pending
+    for chunk in chunks:
+        pieces = chunk.split(b"\n")
+        if len(pieces) == 1:
+            pending.append(chunk)
+            continue
+        pending.append(pieces[0])
+        yield b"".join(pending)
+        pending.clear()
+        yield from pieces[1:-1]
+        if pieces[-1]:
+            pending.append(pieces[-1])
+    if pending:
+        last = b"".join(pending)
+        pending.clear()
+        yield last
+
+
+def iter_lines(store: Store, rel: str) -> Iterator[bytes]:
+    """The lines (without newline) of a zstd JSONL object, streamed."""
+    with store.open_input(rel) as f:
+        yield from split_lines(zstd_chunks(f))
+
+
+def count_rows(store: Store, rel: str) -> int:
+    if rel.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with store.open_input(rel) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    return sum(1 for _ in iter_lines(store, rel))
+
+
+def iter_part_lines(registry: Registry, manifest: Manifest, split: str | None = None) -> Iterator[bytes]:
+    for part in manifest.parts_of(split):
+        yield from iter_lines(registry.store, registry.part_path(manifest, part))
+
+
+def iter_documents(registry: Registry, manifest: Manifest, split: str | None = None) -> Iterator[dict]:
+    """Every document of a documents dataset, part by part, in manifest order."""
+    if manifest.kind != "documents":
+        raise ValueError(f"{manifest.ref} is a {manifest.kind} dataset, not documents")
+    for line in iter_part_lines(registry, manifest, split):
+        yield json.loads(line)

@@ -1,0 +1,349 @@
+"""Stores: every location is an fsspec URL (``s3://bucket/prefix``, ``file:///abs``, plain path).
+
+Invariant: an object becomes visible only when complete. On a local disk we write a temporary
+file beside the target and rename it; on S3 one PUT (or one multipart upload, which S3 also
+publishes atomically) of the whole object. ``put_if_absent`` is the only create-only write and
+is what the registry's commit protocol stands on.
+
+S3 settings come from the standard AWS variables and files (``AWS_ENDPOINT_URL`` for MinIO and
+other S3-compatible stores); nothing here ever formats credentials into a message.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+import posixpath
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any, Iterator
+
+import fsspec
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = "./blt-store"
+STORE_ENV = "BLT_STORE"
+
+
+class StoreError(RuntimeError):
+    """A store could not be reached or refused an operation; the message names the URL."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    # botocore already retries 5xx/throttling per request (see _s3_options); this catches what
+    # escapes it: timeouts, dropped connections and the EREMOTEIO s3fs maps InternalError to.
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.EREMOTEIO, errno.EAGAIN, errno.EBUSY):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("SlowDown", "Throttl", "ServiceUnavailable", "InternalError"))
+
+
+transient_retry = retry(
+    retry=retry_if_exception(_is_transient),
+    wait=wait_random_exponential(multiplier=0.2, max=20),
+    stop=stop_after_attempt(4),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
+
+
+def resolve_store_url(store: str | None) -> str:
+    """``--store`` wins, then ``$BLT_STORE``, then ``./blt-store``."""
+    return store or os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+def _s3_options(max_attempts: int = 6, connect_timeout: int = 10) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        # Adaptive mode backs off on throttling and retries 5xx with jitter (botocore's own).
+        "config_kwargs": {
+            "retries": {"max_attempts": max_attempts, "mode": "adaptive"},
+            "connect_timeout": connect_timeout,
+            "read_timeout": 60,
+        },
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+def filesystem_for(url: str, probe: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the protocol-less path for a URL.
+
+    ``probe`` gives an S3 filesystem that retries little, to tell a wrong endpoint or bucket
+    at once instead of after minutes of backoff.
+    """
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("s3", "s3a"):
+        opts = _s3_options(max_attempts=2, connect_timeout=3) if probe else _s3_options()
+        fs = fsspec.filesystem("s3", **opts)
+        fs.retries = 1 if probe else 3  # s3fs's own retry loop, on top of botocore's
+        return fs, fs._strip_protocol(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    if protocol in ("file", "local"):
+        path = os.path.abspath(path)
+    return fs, path
+
+
+@dataclass
+class Store:
+    """A root location plus the filesystem that reaches it. Paths passed in are relative to root."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem = field(repr=False)
+    root: str
+
+    @classmethod
+    def open(cls, url: str | None = None) -> "Store":
+        url = resolve_store_url(url)
+        fs, root = filesystem_for(url)
+        return cls(url=url.rstrip("/"), fs=fs, root=root.rstrip("/"))
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def uri(self, rel: str = "") -> str:
+        """A URL for humans and for other fsspec users (never carries credentials)."""
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def sub(self, rel: str) -> "Store":
+        return Store(url=self.uri(rel), fs=self.fs, root=self.path(rel))
+
+    # --- reads -----------------------------------------------------------------------------
+
+    @transient_retry
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    @transient_retry
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"not found: {self.uri(rel)}") from None
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def open_input(self, rel: str) -> IO[bytes]:
+        """A seekable binary reader; large reads stream instead of loading the object."""
+        try:
+            return self.fs.open(self.path(rel), "rb", block_size=8 << 20)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"not found: {self.uri(rel)}") from None
+
+    @transient_retry
+    def list(self, rel: str = "", *, detail: bool = False) -> list:
+        """Direct children of a folder (names relative to the store root); [] if absent."""
+        try:
+            out = self.fs.ls(self.path(rel), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        items = []
+        for e in out:
+            name = self._rel(e["name"])
+            if name == rel.rstrip("/") or _is_temp(name):
+                continue  # a folder marker listed as its own child, or an unpublished temp file
+            items.append({**e, "name": name} if detail else name)
+        return items
+
+    @transient_retry
+    def find(self, rel: str = "") -> list[str]:
+        try:
+            return sorted(r for p in self.fs.find(self.path(rel)) if not _is_temp(r := self._rel(p)))
+        except FileNotFoundError:
+            return []
+
+    @transient_retry
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def sha256(self, rel: str) -> tuple[str, int]:
+        """Hash and size of an object, streamed."""
+        h = hashlib.sha256()
+        n = 0
+        with self.open_input(rel) as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+                n += len(chunk)
+        return h.hexdigest(), n
+
+    # --- writes ----------------------------------------------------------------------------
+
+    @transient_retry
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Publish a whole object at once (overwrites)."""
+        target = self.path(rel)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    @contextmanager
+    def create(self, rel: str) -> Iterator["HashingWriter"]:
+        """Stream an object that is published whole when the block exits without error.
+
+        Local: a temp file in the target folder, renamed into place. S3: a local temp file,
+        uploaded in one go on exit (s3fs uses one PUT or one multipart upload; either appears
+        atomically). The writer hashes what passes through it, so callers get sha256 and size
+        without reading the object back.
+        """
+        target = self.path(rel)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="blt-upload-")
+            os.close(fd)
+        raw = open(tmp, "wb")
+        writer = HashingWriter(raw)
+        try:
+            yield writer
+            raw.close()
+            if self.is_local:
+                os.replace(tmp, target)
+            else:
+                self._upload(tmp, target)
+        finally:
+            raw.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @transient_retry
+    def _upload(self, local_path: str, target: str) -> None:
+        self.fs.put_file(local_path, target)
+
+    @transient_retry
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        """Create the object only if nothing is there; True if this call created it.
+
+        Local: the whole content goes to a temp file which is hard-linked into place (link
+        fails if the name exists), so the winner's object is complete when it appears.
+        S3: ``If-None-Match: *`` on the PUT; the loser gets 412 → False.
+        """
+        target = self.path(rel)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if "PreconditionFailed" in str(e) or "412" in str(e):
+                return False
+            raise
+
+    @transient_retry
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        try:
+            self.fs.rm(self.path(rel), recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    def check_reachable(self) -> None:
+        """Fail early, with the URL, when the store cannot be reached (wrong endpoint, no bucket)."""
+        if self.is_local:
+            try:
+                self.fs.makedirs(self.root, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create store folder {self.url}: {e.strerror or e}") from None
+            return
+        fs, _ = filesystem_for(self.url, probe=True)
+        bucket = self.root.split("/", 1)[0]
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise StoreError(f"bucket s3://{bucket} does not exist at {endpoint}") from None
+        except PermissionError:
+            raise StoreError(f"access denied to s3://{bucket} at {endpoint} (check AWS credentials)") from None
+        except Exception as e:  # noqa: BLE001 - any transport error means unreachable
+            raise StoreError(f"cannot reach store {self.url} at {endpoint}: {type(e).__name__}: {_clean(e)}") from None
+
+    def _rel(self, full: str) -> str:
+        full = full.rstrip("/")
+        root = self.root.rstrip("/")
+        if full == root:
+            return ""
+        if full.startswith(root + "/"):
+            return full[len(root) + 1 :]
+        return full
+
+
+def _is_temp(name: str) -> bool:
+    return ".tmp-" in posixpath.basename(name)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _clean(exc: BaseException) -> str:
+    """An exception's message with anything that looks like a secret removed."""
+    text = str(exc)
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only file that counts and sha256-hashes the bytes passing through to ``raw``."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self._hash = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self._hash.update(b)
+        self.nbytes += len(b)
+        return self.raw.write(b)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+def iter_chunks(f: IO[bytes], size: int = 8 << 20) -> Iterator[bytes]:
+    while chunk := f.read(size):
+        yield chunk

@@ -1,0 +1,260 @@
+"""``blt-data``: the data pipeline's command line. Thin: parse, validate, call a library, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ByteSize, TypeAdapter, ValidationError
+
+from blt_data.registry import Manifest, Registry, RegistryError
+from blt_data.storage import Store, StoreError
+
+app = typer.Typer(
+    help="Entropy-patched byte datasets for the Byte Latent Transformer: download, shuffle, "
+    "score, patch and register datasets on a local folder or S3.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+registry_app = typer.Typer(help="List, show and verify what the registry holds.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+StoreOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--store",
+        envvar="BLT_STORE",
+        help="Registry root: a folder, file:// or s3://bucket/prefix URL. [default: ./blt-store; env BLT_STORE]",
+        show_default=False,
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+EXPECTED_ERRORS = (RegistryError, StoreError, FileNotFoundError, ValueError, PermissionError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def open_registry(store: str | None, create: bool = False) -> Registry:
+    st = Store.open(store)
+    if create or not st.is_local:  # a missing local folder just means an empty registry
+        st.check_reachable()
+    return Registry(st)
+
+
+def parse_size(text: str, option: str) -> int:
+    """``512MB``, ``2GB``, ``1.5GiB``, or a plain number of bytes."""
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        fail(f"{option}: cannot read {text!r} as a size (examples: 512MB, 2GB, 1GiB)")
+        raise  # unreachable; keeps type checkers happy
+
+
+def describe(m: Manifest) -> str:
+    s = m.stats
+    line = f"{m.ref} ({m.kind}): {s.documents:,} documents, {s.bytes / 1e6:,.1f} MB of text in {len(m.parts)} parts"
+    if s.splits and set(s.splits) != {"train"}:
+        line += " [" + ", ".join(f"{k}: {v:,}" for k, v in s.splits.items()) + "]"
+    return line
+
+
+def report(m: Manifest, registry: Registry, as_json: bool) -> None:
+    if as_json:
+        typer.echo(m.model_dump_json(indent=2))
+        return
+    typer.echo(describe(m))
+    s = m.stats
+    where = registry.store.uri(registry.dataset_dir(m.name))
+    if s.quarantined:
+        typer.secho(f"  {s.quarantined:,} lines quarantined (reasons and sources in {where}/_jobs/{m.job_id}/_quarantine/)", fg="yellow")
+    if s.blank_lines:
+        typer.echo(f"  {s.blank_lines:,} blank lines skipped")
+    if s.duplicate_ids:
+        typer.secho(f"  {s.duplicate_ids:,} duplicate ids got positional ids (e.g. {s.duplicate_id_examples[0]})", fg="yellow")
+    for d in s.damaged_files:
+        typer.secho(f"  damaged file {d['file']}: {d['error']} — kept the {d['lines_read']:,} lines read before it", fg="yellow")
+    if s.skipped_files:
+        typer.echo(f"  {len(s.skipped_files)} files of other types skipped (e.g. {s.skipped_files[0]})")
+
+
+@app.callback()
+def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def download(
+    source: Annotated[str, typer.Argument(help="stdlib | hf:ORG/DATASET[:CONFIG] | a file, folder or glob (local or s3://) of .jsonl, .jsonl.zst, .jsonl.gz, .parquet, .txt")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name of the documents dataset to create.")],
+    split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "train",
+    text_field: Annotated[str, typer.Option(help="Field that holds the text.")] = "text",
+    id_field: Annotated[str, typer.Option(help="Field that holds the id; ids come from source and position when absent.")] = "id",
+    limit: Annotated[Optional[int], typer.Option(help="Stop after this many documents.", min=1)] = None,
+    part_size: Annotated[str, typer.Option(help="Rotate output parts at this much uncompressed JSONL.")] = "256MB",
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read a corpus into a documents dataset (zstd JSONL parts), resumably.
+
+    Bad lines are quarantined with their source and reason, never dropped; an interrupted
+    download started again keeps the parts it finished.
+    """
+    from blt_data.download import DownloadConfig, SourceError, download as run_download
+
+    try:
+        cfg = DownloadConfig(
+            source=source, name=name, split=split, text_field=text_field, id_field=id_field,
+            limit=limit, part_bytes=parse_size(part_size, "--part-size"),
+        )
+        reg = open_registry(store, create=True)
+        m = run_download(reg, cfg, progress=not quiet)
+    except (SourceError, *EXPECTED_ERRORS) as e:
+        fail(str(e))
+    report(m, reg, as_json)
+
+
+@app.command()
+def shuffle(
+    ref: Annotated[str, typer.Argument(help="Documents dataset to shuffle: NAME or NAME@vN.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name of the shuffled dataset.")],
+    chunks: Annotated[int, typer.Option(help="Number of train chunks to write.", min=1)] = 8,
+    seed: Annotated[int, typer.Option(help="Shuffle seed; same input and seed give byte-identical output.")] = 0,
+    memory: Annotated[str, typer.Option(help="Most document bytes held in RAM at once (e.g. 512MB, 2GB).")] = "1GB",
+    val_docs: Annotated[int, typer.Option(help="Documents set aside as the 'val' split.", min=0)] = 0,
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Global, uniform, seeded shuffle in bounded memory (external, on any store)."""
+    from blt_data.shuffle import shuffle_documents
+
+    try:
+        reg = open_registry(store)
+        m = shuffle_documents(
+            reg, ref, name, num_chunks=chunks, seed=seed,
+            memory_bytes=parse_size(memory, "--memory"), val_docs=val_docs, progress=not quiet,
+        )
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    report(m, reg, as_json)
+
+
+def resolve_any(reg: Registry, ref: str) -> Manifest:
+    """A dataset reference, or failing that a model reference."""
+    try:
+        return reg.resolve(ref)
+    except RegistryError as first:
+        try:
+            return reg.resolve(ref, area="models")
+        except RegistryError:
+            raise first from None
+
+
+@registry_app.command("list")
+def registry_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """The latest version of every dataset and model."""
+    try:
+        reg = open_registry(store)
+        manifests = reg.list()
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
+        return
+    if not manifests:
+        typer.echo(f"the registry at {reg.store.url} is empty")
+        return
+    typer.echo(f"{'REF':<32} {'KIND':<14} {'DOCUMENTS':>12} {'MB':>10} {'PARTS':>6}  PARENTS")
+    for m in manifests:
+        typer.echo(
+            f"{m.ref:<32} {m.kind:<14} {m.stats.documents:>12,} {m.stats.bytes / 1e6:>10,.1f} "
+            f"{len(m.parts):>6}  {', '.join(m.parents) or '-'}"
+        )
+
+
+@registry_app.command("show")
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@vN")],
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A manifest: lineage, parameters, parts and statistics."""
+    try:
+        reg = open_registry(store)
+        m = resolve_any(reg, ref)
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(m.model_dump_json(indent=2))
+        return
+    typer.echo(describe(m))
+    typer.echo(f"  created   {m.created}  by blt-data {m.code_version}  (job {m.job_id})")
+    typer.echo(f"  parents   {', '.join(m.parents) or '-'}")
+    typer.echo("  params    " + json.dumps(m.params, sort_keys=True))
+    for p in m.parts:
+        typer.echo(f"  part      {p.path}  [{p.split}] {p.rows:,} rows, {p.bytes:,} bytes, sha256 {p.sha256[:16]}…")
+    for p in m.quarantine:
+        typer.echo(f"  quarantine {p.path}  {p.rows:,} lines")
+    typer.echo("  stats     " + m.stats.model_dump_json(exclude_defaults=True))
+
+
+@registry_app.command("verify")
+def registry_verify(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@vN")],
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-hash every part and recount its rows; exits 1 on any mismatch."""
+    try:
+        reg = open_registry(store)
+        m = resolve_any(reg, ref)
+        problems = reg.verify(m, progress=not quiet)
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    if problems:
+        for p in problems:
+            typer.secho(f"MISMATCH {m.ref}: {p}", err=True, fg="red")
+        raise typer.Exit(1)
+    typer.echo(f"{m.ref}: {len(m.parts) + len(m.quarantine)} parts verified, {m.stats.documents:,} documents")
+
+
+@app.command()
+def demo(
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the pipeline on the embedded defaults: the stdlib corpus, on the local store."""
+    from pipelines.demo import run_demo
+
+    try:
+        reg = open_registry(store, create=True)
+        made = run_demo(reg, progress=not quiet)
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    typer.echo("")
+    typer.echo(f"demo done: the registry at {reg.store.url} holds")
+    for m in made:
+        typer.echo("  " + describe(m))
+    typer.echo("next: blt-data registry list; blt-data registry show " + made[-1].ref)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
