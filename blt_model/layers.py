@@ -1,0 +1,207 @@
+"""Transformer layers shared by the entropy model and the full BLT.
+
+Llama-style parts laid out like Meta's BLT code (`bytelatent/base_transformer.py`), so that
+official checkpoints load key for key: RMSNorm, rotary position embeddings (RoPE) over
+*adjacent* pairs of dims (2i, 2i+1), SwiGLU feed-forward, multi-head attention, and the pre-norm
+`TransformerBlock` that joins them. No biases anywhere.
+
+Invariant: attention visibility is defined once, by `document_window_mask_mod` over per-token
+document ids and positions (same document, causal, within the sliding window). On CUDA it
+becomes a FlexAttention `BlockMask`; elsewhere a boolean mask for SDPA. Both backends therefore
+attend to exactly the same keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+AttentionMask = BlockMask | torch.Tensor
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 even when activations are bf16, as in Meta's RMSNorm.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> Rope:
+    """Rotation of each adjacent pair for (B, S) positions: cos, sin of shape (B, S, 1, head_dim/2).
+
+    Pair i turns by position * theta^(-2i/head_dim). Angles are formed in float64 because fp32
+    loses about 1e-3 rad by position 10^4; the results are fp32.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device)
+    inv_freq = 1.0 / (theta ** (exponents / head_dim))
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    return angles.cos().float()[:, :, None, :], angles.sin().float()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate (B, S, H, head_dim) by pairs (2i, 2i+1), Meta Llama's layout, not the half split."""
+    cos, sin = rope
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def document_window_mask_mod(
+    doc_ids: torch.Tensor, positions: torch.Tensor, window: int | None
+) -> Callable:
+    """FlexAttention-style `mask_mod(b, h, q_idx, kv_idx)` for packed rows.
+
+    doc_ids, positions: (B, S). A query sees a key of the same document whose position is at
+    most `window - 1` before its own (`window=None`: no limit) and not after it. Positions must
+    count up by one along each document's tokens in a row, so query position j sees positions
+    max(doc_start, j - window + 1) ... j.
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_doc = doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+        distance = positions[b, q_idx] - positions[b, kv_idx]
+        visible = same_doc & (distance >= 0)
+        if window is not None:
+            visible = visible & (distance < window)
+        return visible
+
+    return mask_mod
+
+
+def build_attention_mask(
+    doc_ids: torch.Tensor,
+    positions: torch.Tensor,
+    window: int | None,
+    flex: bool | None = None,
+) -> AttentionMask:
+    """The attention mask for (B, S) rows: a BlockMask for FlexAttention (default on CUDA) or a
+    boolean (B, 1, S, S) tensor for SDPA, both from `document_window_mask_mod`."""
+    mask_mod = document_window_mask_mod(doc_ids, positions, window)
+    num_rows, seq_len = doc_ids.shape
+    device = doc_ids.device
+    if flex is None:
+        flex = device.type == "cuda"
+    if flex:
+        return create_block_mask(
+            mask_mod,
+            num_rows,
+            None,
+            seq_len,
+            seq_len,
+            device=device,
+            _compile=device.type == "cuda",
+        )
+    b = torch.arange(num_rows, device=device)[:, None, None]
+    q_idx = torch.arange(seq_len, device=device)[None, :, None]
+    kv_idx = torch.arange(seq_len, device=device)[None, None, :]
+    return mask_mod(b, None, q_idx, kv_idx)[:, None]
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    # Uncompiled flex_attention is a slow reference path; compile once per process.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Scaled dot-product attention over (B, H, S, head_dim), scale 1/sqrt(head_dim)."""
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _trunc_normal_(weight: torch.Tensor, std: float) -> None:
+    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        if dim % n_heads or (dim // n_heads) % 2:
+            raise ValueError(f"dim {dim} must split into {n_heads} heads of even size")
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: Rope, mask: AttentionMask) -> torch.Tensor:
+        num_rows, seq_len, dim = x.shape
+        shape = (num_rows, seq_len, self.n_heads, self.head_dim)
+        q = apply_rope(self.wq(x).view(shape), rope)
+        k = apply_rope(self.wk(x).view(shape), rope)
+        v = self.wv(x).view(shape)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.wo(out.transpose(1, 2).reshape(num_rows, seq_len, dim))
+
+    def reset_parameters(self) -> None:
+        std = self.wq.in_features**-0.5
+        for linear in (self.wq, self.wk, self.wv, self.wo):
+            _trunc_normal_(linear.weight, std)
+
+
+def ffn_hidden_dim(dim: int, ffn_dim_multiplier: float | None, multiple_of: int = 256) -> int:
+    """SwiGLU width as Meta's Llama/BLT code computes it: 2/3 of 4*dim, scaled, rounded up.
+
+    dim 768, multiplier 1.0 -> 2048 (the released BLT entropy model).
+    """
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def reset_parameters(self) -> None:
+        _trunc_normal_(self.w1.weight, self.w1.in_features**-0.5)
+        _trunc_normal_(self.w3.weight, self.w3.in_features**-0.5)
+        _trunc_normal_(self.w2.weight, self.w2.in_features**-0.5)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
+
+    def __init__(self, dim: int, n_heads: int, ffn_dim_multiplier: float | None, norm_eps: float):
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.attention = Attention(dim, n_heads)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.feed_forward = FeedForward(dim, ffn_hidden_dim(dim, ffn_dim_multiplier))
+
+    def forward(self, x: torch.Tensor, rope: Rope, mask: AttentionMask) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def reset_parameters(self) -> None:
+        for module in (self.attention_norm, self.attention, self.ffn_norm, self.feed_forward):
+            module.reset_parameters()
