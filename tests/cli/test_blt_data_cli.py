@@ -1,0 +1,111 @@
+"""The ``blt-data`` commands as users type them, on a local folder and on S3 (loopback server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.blt_data import app
+from tests.conftest import TEST_SECRET
+
+runner = CliRunner()
+
+
+def blt(*args: str, code: int = 0) -> str:
+    result = runner.invoke(app, list(args))
+    out = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == code, f"exit {result.exit_code}: {out}\n{result.exception!r}"
+    assert TEST_SECRET not in out, "a credential leaked into the output"
+    return out
+
+
+def test_download_shuffle_registry_roundtrip(store_url):
+    out = blt("download", "stdlib", "--name", "std", "--limit", "300", "--part-size", "1MB", "--store", store_url, "-q")
+    assert "std@v1 (documents): 300 documents" in out
+    out = blt("shuffle", "std", "--name", "shuf", "--chunks", "3", "--seed", "7", "--memory", "2MB",
+              "--val-docs", "20", "--store", store_url, "-q")
+    assert "shuf@v1 (documents): 300 documents" in out and "val: 20" in out
+
+    listing = json.loads(blt("registry", "list", "--json", "--store", store_url))
+    assert {m["name"]: m["version"] for m in listing} == {"shuf": 1, "std": 1}
+    shown = json.loads(blt("registry", "show", "shuf@v1", "--json", "--store", store_url))
+    assert shown["parents"] == ["std@v1"] and shown["params"]["seed"] == 7
+    assert sum(p["rows"] for p in shown["parts"] if p["split"] == "val") == 20
+    text = blt("registry", "show", "shuf", "--store", store_url)
+    assert "parents   std@v1" in text
+    assert "verified" in blt("registry", "verify", "shuf", "--store", store_url, "-q")
+    table = blt("registry", "list", "--store", store_url)
+    assert "shuf@v1" in table and "std@v1" in table
+
+
+def test_verify_exits_nonzero_on_mismatch(local_store_url):
+    from blt_data.registry import Registry
+    from blt_data.storage import Store
+
+    blt("download", "stdlib", "--name", "std", "--limit", "50", "--store", local_store_url, "-q")
+    reg = Registry(Store.open(local_store_url))
+    m = reg.resolve("std")
+    reg.store.write_bytes(reg.part_path(m, m.parts[0]), b"not the part")
+    out = blt("registry", "verify", "std", "--store", local_store_url, "-q", code=1)
+    assert "MISMATCH std@v1" in out and "sha256" in out
+
+
+def test_clear_errors(local_store_url, tmp_path):
+    out = blt("download", str(tmp_path / "nothing.jsonl"), "--name", "x", "--store", local_store_url, code=2)
+    assert "error: source not found" in out
+    out = blt("shuffle", "ghost", "--name", "y", "--store", local_store_url, code=2)
+    assert "error: no dataset named 'ghost'" in out
+    out = blt("download", "stdlib", "--name", "x", "--part-size", "lots", "--store", local_store_url, code=2)
+    assert "--part-size: cannot read 'lots' as a size" in out
+    out = blt("registry", "show", "x@v3", "--store", local_store_url, code=2)
+    assert "error:" in out
+    blt("download", "stdlib", "--name", "x", "--limit", "5", "--store", local_store_url, "-q")
+    out = blt("shuffle", "x", "--name", "y", "--val-docs", "99", "--store", local_store_url, code=2)
+    assert "error:" in out and "99" in out
+
+
+def test_unreachable_store_says_where_and_hides_credentials(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    out = blt("download", "stdlib", "--name", "x", "--store", "s3://some-bucket/reg", code=2)
+    assert "cannot reach store s3://some-bucket/reg at http://127.0.0.1:9" in out
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    out = blt("registry", "list", "--store", "s3://bucket-that-is-not-there", code=2)
+    assert "bucket s3://bucket-that-is-not-there does not exist" in out
+
+
+def test_store_from_environment(local_store_url, monkeypatch):
+    monkeypatch.setenv("BLT_STORE", local_store_url)
+    blt("download", "stdlib", "--name", "envstd", "--limit", "10", "-q")
+    assert "envstd@v1" in blt("registry", "list")
+
+
+def test_demo_runs_and_second_run_reuses(local_store_url):
+    first = blt("demo", "--store", local_store_url, "-q")
+    assert "stdlib@v1" in first and "stdlib-shuffled@v1" in first
+    second = blt("demo", "--store", local_store_url, "-q")
+    assert "stdlib@v1" in second and "stdlib-shuffled@v1" in second and "@v2" not in second
+
+
+@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"]])
+def test_help(command):
+    out = blt(*command, "--help")
+    assert "Usage" in out
+
+
+def test_options_snapshot():
+    """New flags are a deliberate choice (STYLE.md §7): this list changes only on purpose."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    options = {
+        name: sorted(p.name for p in cmd.params)
+        for name, cmd in group.commands.items()
+        if name != "registry"
+    }
+    assert options == {
+        "download": sorted(["source", "name", "split", "text_field", "id_field", "limit", "part_size", "store", "quiet", "as_json"]),
+        "shuffle": sorted(["ref", "name", "chunks", "seed", "memory", "val_docs", "store", "quiet", "as_json"]),
+        "demo": sorted(["store", "quiet"]),
+    }
