@@ -61,7 +61,8 @@ def parse_size(text: str, option: str) -> int:
 
 def describe(m: Manifest) -> str:
     s = m.stats
-    line = f"{m.ref} ({m.kind}): {s.documents:,} documents, {s.bytes / 1e6:,.1f} MB of text in {len(m.parts)} parts"
+    parts = f"{len(m.parts)} part" + ("" if len(m.parts) == 1 else "s")
+    line = f"{m.ref} ({m.kind}): {s.documents:,} documents, {s.bytes / 1e6:,.1f} MB of text in {parts}"
     if s.splits and set(s.splits) != {"train"}:
         line += " [" + ", ".join(f"{k}: {v:,}" for k, v in s.splits.items()) + "]"
     return line
@@ -248,7 +249,7 @@ def demo(
     typer.echo("")
     typer.echo(f"demo done: the registry at {reg.store.url} holds")
     for m in made:
-        typer.echo("  " + describe(m))
+        report(m, reg, as_json=False)
     typer.echo("next: blt-data registry list; blt-data registry show " + made[-1].ref)
 
 
