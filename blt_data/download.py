@@ -294,17 +294,6 @@ def _hf_records(source: Source, cfg: DownloadConfig, skip: int) -> Iterator[tupl
         yield (0, i), Record(source.spec, i, obj=obj)
 
 
-@dataclass
-class _PartStats:
-    documents: int = 0
-    bytes: int = 0
-    quarantined: int = 0
-    blank_lines: int = 0
-    duplicate_ids: int = 0
-    duplicate_id_examples: list[str] = field(default_factory=list)
-    damaged_files: list[dict[str, Any]] = field(default_factory=list)
-
-
 class _Downloader:
     """Writes records into part k / quarantine part k and rotates with a completion record."""
 
@@ -318,7 +307,7 @@ class _Downloader:
         self.index = 0
         self.data: PartWriter | None = None
         self.quarantine: PartWriter | None = None
-        self.stats = _PartStats()
+        self.stats = DatasetStats()
         self.seen: set[str] = set()
 
     # --- resume ---------------------------------------------------------------------------
@@ -404,11 +393,11 @@ class _Downloader:
             "end": list(end),
             "part": self.data.close().model_dump() if self.data else None,
             "quarantine": self.quarantine.close().model_dump() if self.quarantine else None,
-            "stats": vars(self.stats),
+            "stats": self.stats.model_dump(exclude_defaults=True),
         }
         self.store.write_bytes(f"{self.job}/_done/{part_name(self.index, '.json')}", json.dumps(record).encode())
         self.data = self.quarantine = None
-        self.stats = _PartStats()
+        self.stats = DatasetStats()
         self.index += 1
         return record
 
@@ -426,8 +415,8 @@ def download(registry: Registry, cfg: DownloadConfig, progress: bool = False) ->
 
     dl = _Downloader(registry, cfg, source, job_id)
     start, records = dl.load_finished()
-    done_docs = sum(r["stats"]["documents"] for r in records)
-    done_bytes = sum(r["stats"]["bytes"] for r in records)
+    done = sum((DatasetStats(**r["stats"]) for r in records), DatasetStats())
+    done_docs, done_bytes = done.documents, done.bytes
     if records:
         log.info("resuming job %s after %d finished parts (%d documents)", job_id, len(records), done_docs)
     damage: list[Damage] = []
@@ -448,7 +437,7 @@ def download(registry: Registry, cfg: DownloadConfig, progress: bool = False) ->
             if dl.part_full():
                 rec_done = dl.finish_part(pos, damage)
                 records.append(rec_done)
-                done_docs += rec_done["stats"]["documents"]
+                done_docs += rec_done["stats"].get("documents", 0)
             if cfg.limit is not None and docs >= cfg.limit:
                 break
         last = dl.finish_part(pos, damage)
@@ -461,24 +450,11 @@ def download(registry: Registry, cfg: DownloadConfig, progress: bool = False) ->
 
 
 def _commit(registry: Registry, cfg: DownloadConfig, source: Source, job_id: str, records: list[dict]) -> Manifest:
-    stats = DatasetStats(skipped_files=source.skipped)
-    parts: list[PartInfo] = []
-    quarantine: list[PartInfo] = []
-    for r in records:
-        s = r["stats"]
-        stats.documents += s["documents"]
-        stats.bytes += s["bytes"]
-        stats.quarantined += s["quarantined"]
-        stats.blank_lines += s["blank_lines"]
-        stats.duplicate_ids += s["duplicate_ids"]
-        stats.duplicate_id_examples.extend(s["duplicate_id_examples"])
-        stats.damaged_files.extend(s["damaged_files"])
-        if r["part"]:
-            parts.append(PartInfo(**r["part"]))
-        if r["quarantine"]:
-            quarantine.append(PartInfo(**r["quarantine"]))
+    stats = sum((DatasetStats(**r["stats"]) for r in records), DatasetStats(skipped_files=source.skipped))
     stats.duplicate_id_examples = stats.duplicate_id_examples[:20]
     stats.splits = {"train": stats.documents}
+    parts = [PartInfo(**r["part"]) for r in records if r["part"]]
+    quarantine = [PartInfo(**r["quarantine"]) for r in records if r["quarantine"]]
     manifest = Manifest(
         name=cfg.name,
         kind="documents",

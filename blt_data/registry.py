@@ -4,7 +4,9 @@ Layout under the store root::
 
     datasets/<name>/v<NNNN>/manifest.json             immutable, written last, put-if-absent
     datasets/<name>/_jobs/<job-id>/part-<unit>.*      parts, written first
-    models/<name>/v<NNNN>/{manifest.json, ...}
+    models/<name>/v<NNNN>/manifest.json               written last, put-if-absent
+    models/<name>/_jobs/<job-id>/{model.safetensors, config.json, checkpoint.pt}
+                                                      model files listed as the manifest's parts
 
 Invariant: nothing exists until its manifest does. Parts are written first under the job's
 folder; the manifest is created last with put-if-absent, so of two writers racing for one
@@ -67,6 +69,20 @@ class DatasetStats(BaseModel):
     mean_patch_length: float | None = None
     patch_length_histogram: list[int] | None = None
     entropy_quantiles: dict[str, float] | None = None
+
+    def __add__(self, other: "DatasetStats") -> "DatasetStats":
+        """Merge the statistics of two disjoint pieces (units, parts) of one dataset.
+
+        Counts and lists add; per-split counts add key by key. Patch statistics are merged by
+        the patch job, which owns their meaning (histograms add, means do not).
+        """
+        merged = {
+            k: getattr(self, k) + getattr(other, k)
+            for k in ("documents", "bytes", "quarantined", "blank_lines", "duplicate_ids",
+                      "duplicate_id_examples", "damaged_files", "skipped_files")
+        }
+        merged["splits"] = {k: self.splits.get(k, 0) + other.splits.get(k, 0) for k in {**self.splits, **other.splits}}
+        return DatasetStats(**merged)
 
 
 class Manifest(BaseModel):
@@ -241,6 +257,8 @@ class Registry:
             if sha != part.sha256:
                 problems.append(f"{part.path}: sha256 {sha[:12]}… != manifest {part.sha256[:12]}…")
                 continue
+            if manifest.kind not in ("documents", "patches"):
+                continue  # model files have no rows to count
             rows = count_rows(self.store, rel)
             if rows != part.rows:
                 problems.append(f"{part.path}: {rows} rows != manifest {part.rows}")

@@ -342,8 +342,3 @@ class HashingWriter(io.RawIOBase):
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
-
-
-def iter_chunks(f: IO[bytes], size: int = 8 << 20) -> Iterator[bytes]:
-    while chunk := f.read(size):
-        yield chunk
