@@ -164,10 +164,12 @@ class Registry:
         return f"{self.dataset_dir(name, area)}/_jobs/{job_id}"
 
     def versions(self, name: str, area: str = "datasets") -> list[int]:
+        """Committed versions. A version folder without its manifest is a commit in flight (or
+        one that crashed before its manifest landed, on a local disk) and does not count."""
         found = []
         for entry in self.store.list(self.dataset_dir(name, area)):
             m = _VERSION_DIR_RE.match(entry.rsplit("/", 1)[-1])
-            if m:
+            if m and self.store.exists(self.manifest_path(name, int(m.group(1)), area)):
                 found.append(int(m.group(1)))
         return sorted(found)
 
@@ -218,13 +220,22 @@ class Registry:
         """Publish the manifest as the next free version; returns it with its version set."""
         area = area_of(manifest.kind)
         versions = self.versions(manifest.name, area)
+        if versions:
+            latest = self.load(manifest.name, versions[-1], area)
+            if latest.job_id == manifest.job_id:
+                return latest  # this job was committed already (e.g. by a concurrent rerun)
         version = (versions[-1] if versions else 0) + 1
         while True:
             candidate = manifest.model_copy(update={"version": version})
             data = candidate.model_dump_json(indent=2).encode()
             if self.store.put_if_absent(self.manifest_path(manifest.name, version, area), data):
                 return candidate
-            version += 1  # lost the race for this version: the other writer keeps it
+            # Lost the race for this version: the other writer keeps it. If it was a rerun of
+            # this very job, its result is ours too, and a second version would be a duplicate.
+            winner = self.load(manifest.name, version, area)
+            if winner.job_id == manifest.job_id:
+                return winner
+            version += 1
 
     def list(self) -> list[Manifest]:
         """The latest manifest of every dataset and model."""

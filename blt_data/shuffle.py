@@ -27,7 +27,7 @@ import zstandard
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from blt_data.documents import DEFAULT_PART_BYTES, PART_EXT, ZSTD_LEVEL, part_name
+from blt_data.documents import DEFAULT_PART_BYTES, PART_EXT, PartWriter, part_name
 from blt_data.registry import Manifest, PartInfo, Registry, job_hash
 from blt_data.storage import Store
 
@@ -215,7 +215,7 @@ def _write_runs(registry: Registry, source: Manifest, runs_dir: str, cfg: Shuffl
         line_ends = np.concatenate(ends)
         order = rng.permutation(num_lines)
         rel = f"{runs_dir}/run-{len(runs):06d}{PART_EXT}"
-        writer = _BlockWriter(store, rel, rel, level=RUN_ZSTD_LEVEL)
+        writer = PartWriter(store, rel, rel, level=RUN_ZSTD_LEVEL, threads=ZSTD_THREADS)
         try:
             for block, rows in _gather(memoryview(buf), line_ends, order):
                 writer.write_block(block, rows)
@@ -230,7 +230,7 @@ def _write_runs(registry: Registry, source: Manifest, runs_dir: str, cfg: Shuffl
     with _progress(progress, f"shuffle runs {source.ref}", None) as bar:
         # Every split of the input is shuffled together; the output's val is a fresh sample.
         for part in source.parts:
-            for block, block_ends in _line_blocks(_open(store, registry.part_path(source, part)), READ_BYTES):
+            for block, block_ends in _line_blocks(store.open_input(registry.part_path(source, part), READ_BYTES), READ_BYTES):
                 pos = 0
                 while pos < len(block_ends):
                     start = int(block_ends[pos - 1]) if pos else 0
@@ -280,7 +280,7 @@ def _merge_runs(store: Store, index: RunsIndex, cfg: ShuffleConfig) -> Iterator[
 
     rng = np.random.default_rng([cfg.seed, _MERGE_STREAM])
     remaining = np.array([r.rows for r in index.runs], dtype=np.int64)
-    readers = [_RunReader(_open(store, r.path, read_bytes), read_bytes) for r in index.runs]
+    readers = [_RunReader(store.open_input(r.path, read_bytes), read_bytes) for r in index.runs]
     try:
         while (total := int(remaining.sum())) > 0:
             # Drawing run r with probability remaining_r / total, line after line, makes a uniform
@@ -340,49 +340,6 @@ class _RunReader:
         self._blocks.close()
 
 
-class _BlockWriter:
-    """One zstd JSONL part, written a block of lines per call and published on ``close``.
-
-    Unlike PartWriter (one write per line) zstd runs in its own worker thread, so compression
-    overlaps reading and merging; zstd's output does not depend on the number of workers (≥ 1),
-    so parts stay byte-identical on any machine.
-    """
-
-    # TODO(documents): fold into PartWriter as ``write_lines(block, rows)`` and ``threads``.
-    def __init__(self, store: Store, rel: str, path_in_manifest: str, split: str = "train", level: int = ZSTD_LEVEL):
-        self.path_in_manifest = path_in_manifest
-        self.split = split
-        self.rows = 0
-        self.uncompressed_bytes = 0
-        self._ctx = store.create(rel)
-        self._sink = self._ctx.__enter__()
-        compressor = zstandard.ZstdCompressor(level=level, threads=ZSTD_THREADS)
-        self._zstd = compressor.stream_writer(self._sink, closefd=False)
-
-    def write_block(self, block: bytes | memoryview, rows: int) -> None:
-        self._zstd.write(block)
-        self.rows += rows
-        self.uncompressed_bytes += len(block)
-
-    def close(self) -> PartInfo:
-        self._zstd.flush(zstandard.FLUSH_FRAME)
-        self._zstd.close()
-        self._ctx.__exit__(None, None, None)
-        return PartInfo(
-            path=self.path_in_manifest,
-            rows=self.rows,
-            bytes=self._sink.nbytes,
-            sha256=self._sink.sha256,
-            split=self.split,
-        )
-
-    def abort(self) -> None:
-        try:
-            self._zstd.close()
-        finally:
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-
 class _Segment(NamedTuple):
     folder: str  # under the job folder: "val" or "chunk-NNNNNN"
     split: str
@@ -405,7 +362,7 @@ class _OutputSink:
         self._segment = 0
         self._left = self.segments[0].rows if self.segments else 0
         self._part_index = 0
-        self._part: _BlockWriter | None = None
+        self._part: PartWriter | None = None
 
     def write(self, data: bytes, ends: np.ndarray) -> None:
         data = memoryview(data)
@@ -414,7 +371,9 @@ class _OutputSink:
             if self._part is None:
                 folder, split, _ = self.segments[self._segment]
                 rel = f"{folder}/{part_name(self._part_index)}"
-                self._part = _BlockWriter(self.store, f"{self.job_dir}/{rel}", f"{self.prefix}/{rel}", split)
+                self._part = PartWriter(
+                    self.store, f"{self.job_dir}/{rel}", f"{self.prefix}/{rel}", split, threads=ZSTD_THREADS
+                )
             start = int(ends[pos - 1]) if pos else 0
             # First line with which the part reaches its target size (it closes after that line).
             full = int(np.searchsorted(ends, start + self.target_part_bytes - self._part.uncompressed_bytes))
@@ -480,15 +439,6 @@ def _gather(data: memoryview, line_ends: np.ndarray, order: np.ndarray) -> Itera
 def _join(data: memoryview, starts: np.ndarray, stops: np.ndarray) -> bytes:
     # The one per-line Python step: a memoryview slice per line, joined by one C call.
     return b"".join([data[a:b] for a, b in zip(starts.tolist(), stops.tolist())])
-
-
-def _open(store: Store, rel: str, block_size: int = READ_BYTES) -> IO[bytes]:
-    # TODO(storage): Store.open_input(rel, block_size=...). Its fixed 8 MiB read-ahead per open
-    # file would cost num_runs × 8 MiB on S3 in pass 2, outside the memory budget.
-    try:
-        return store.fs.open(store.path(rel), "rb", block_size=block_size)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"not found: {store.uri(rel)}") from None
 
 
 def _progress(enabled: bool, desc: str, total: int | None) -> tqdm:

@@ -144,10 +144,14 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
-    def open_input(self, rel: str) -> IO[bytes]:
-        """A seekable binary reader; large reads stream instead of loading the object."""
+    def open_input(self, rel: str, block_size: int = 8 << 20) -> IO[bytes]:
+        """A seekable binary reader; large reads stream instead of loading the object.
+
+        ``block_size`` is the read-ahead buffer on object stores: callers that keep many
+        objects open at once (the shuffle's merge) pass a smaller one.
+        """
         try:
-            return self.fs.open(self.path(rel), "rb", block_size=8 << 20)
+            return self.fs.open(self.path(rel), "rb", block_size=block_size)
         except FileNotFoundError:
             raise FileNotFoundError(f"not found: {self.uri(rel)}") from None
 

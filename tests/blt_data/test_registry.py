@@ -75,6 +75,25 @@ def test_race_two_writers_one_version(store_url):
     assert jobs == {f"job{i}" for i in range(n)}, "no manifest was overwritten"
 
 
+def test_identical_jobs_racing_share_one_version(store_url):
+    """Two runs of the same job committing at once end with one version, not two."""
+    reg = Registry(Store.open(store_url))
+    barrier = threading.Barrier(4)
+    got: list[int] = []
+
+    def writer() -> None:
+        barrier.wait()
+        got.append(reg.commit(Manifest(name="same", kind="documents", job_id="j")).version)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [1, 1, 1, 1]
+    assert reg.versions("same") == [1]
+
+
 def test_verify_detects_tampering_and_missing_parts(store_url):
     reg = Registry(Store.open(store_url))
     m = make_dataset(reg, "docs")

@@ -17,7 +17,6 @@ from blt_data.shuffle import (
     LINE_INDEX_BYTES,
     ShuffleConfig,
     _line_blocks,
-    _open,
     _write_runs,
     chunk_of,
     shuffle_documents,
@@ -229,7 +228,7 @@ def test_line_blocks_reassemble_lines_across_reads(local_store_url):
     store.write_bytes("x.jsonl.zst", zstandard.ZstdCompressor().compress(b"\n".join(lines)))
     for read_bytes in (1, 5, 16, 1 << 20):
         got = []
-        for data, ends in _line_blocks(_open(store, "x.jsonl.zst", read_bytes), read_bytes):
+        for data, ends in _line_blocks(store.open_input("x.jsonl.zst", read_bytes), read_bytes):
             starts = np.concatenate(([0], ends[:-1]))
             got += [bytes(data[a:b]) for a, b in zip(starts, ends)]
         assert got == [line + b"\n" for line in lines]
