@@ -198,13 +198,19 @@ class Store:
         """Publish a whole object at once (overwrites)."""
         target = self.path(rel)
         if self.is_local:
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
+            os.replace(self._local_temp(target, data), target)
         else:
             self.fs.pipe_file(target, data)
+
+    def _local_temp(self, target: str, data: bytes | None = None) -> str:
+        """A temp file beside ``target`` (same filesystem, so rename and link are atomic);
+        listings skip such names."""
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        if data is not None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        return tmp
 
     @contextmanager
     def create(self, rel: str) -> Iterator["HashingWriter"]:
@@ -217,8 +223,7 @@ class Store:
         """
         target = self.path(rel)
         if self.is_local:
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            tmp = self._local_temp(target)
         else:
             fd, tmp = tempfile.mkstemp(prefix="blt-upload-")
             os.close(fd)
@@ -250,10 +255,7 @@ class Store:
         """
         target = self.path(rel)
         if self.is_local:
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            tmp = self._local_temp(target, data)
             try:
                 os.link(tmp, target)
                 return True
