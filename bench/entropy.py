@@ -1,6 +1,7 @@
 """Entropy scoring throughput: `score_entropies` on a mix of real documents vs the bare forward
 of the same model on full rows (one document per row, nothing packed, no context re-read).
 
+    python bench/entropy.py --device cpu --model default --seconds 20
     python bench/entropy.py --device cpu --model tiny --seconds 20
     python bench/entropy.py --device cuda --model paper --dtype bf16
 
@@ -24,6 +25,7 @@ import torch
 
 from blt_data.entropy import entropies_from_hidden, pack_batches, score_entropies
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig, load_entropy_model
+from blt_model.entropy_registry import DEFAULT_MODEL, load_default_entropy_model
 
 PRESETS = {
     "tiny": EntropyModelConfig(dim=128, n_layers=4, n_heads=4, window=64, max_seqlen=1024),
@@ -153,7 +155,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default="tiny", help="tiny | paper | a saved model directory")
+    parser.add_argument("--model", default="tiny", help="tiny | paper | default (the shipped model) | a saved model directory")
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU"
     )
@@ -169,6 +171,8 @@ def main() -> None:
     if args.model in PRESETS:
         torch.manual_seed(0)
         model = EntropyModel(PRESETS[args.model]).eval()
+    elif args.model == DEFAULT_MODEL:
+        model = load_default_entropy_model()
     else:
         model = load_entropy_model(args.model)
     model.to(device)

@@ -159,15 +159,31 @@ def save_entropy_model(model: EntropyModel, url: str) -> None:
         f.write(model.config.model_dump_json(indent=2))
 
 
+def entropy_model_to_bytes(model: EntropyModel) -> tuple[bytes, bytes]:
+    """(config.json, model.safetensors) contents of a model, fp32 on CPU."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    return model.config.model_dump_json(indent=2).encode(), safetensors_save(tensors)
+
+
+def entropy_model_from_bytes(config_json: bytes | str, weights: bytes, source: str) -> EntropyModel:
+    """The inverse of `entropy_model_to_bytes`; returned on CPU in eval mode, fp32."""
+    config = EntropyModelConfig.model_validate_json(config_json)
+    try:
+        state_dict = safetensors_load(weights)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointMismatchError(f"{source} is not a readable safetensors file: {e}") from None
+    model = EntropyModel(config)
+    load_checked_state_dict(model, state_dict, source)
+    return model.eval()
+
+
 def load_entropy_model(url: str, device: str | torch.device = "cpu") -> EntropyModel:
     """Read a model written by `save_entropy_model`; returned in eval mode, fp32."""
     with fsspec.open(_join(url, CONFIG_FILE), "r") as f:
-        config = EntropyModelConfig.model_validate_json(f.read())
+        config_json = f.read()
     with fsspec.open(_join(url, WEIGHTS_FILE), "rb") as f:
-        state_dict = safetensors_load(f.read())
-    model = EntropyModel(config)
-    load_checked_state_dict(model, state_dict, _join(url, WEIGHTS_FILE))
-    return model.to(device).eval()
+        weights = f.read()
+    return entropy_model_from_bytes(config_json, weights, _join(url, WEIGHTS_FILE)).to(device)
 
 
 def official_config(params: Mapping[str, Any]) -> EntropyModelConfig:
@@ -209,17 +225,26 @@ def official_config(params: Mapping[str, Any]) -> EntropyModelConfig:
     )
 
 
-def import_official_entropy_model(url: str) -> EntropyModel:
-    """Build an EntropyModel from Meta's released directory: `params.json` plus
-    `consolidated.pth` or `consolidated/consolidated.pth` (a dict whose `model` entry is the
-    state dict). Weights are cast to fp32; the model is returned on CPU in eval mode."""
-    with fsspec.open(_join(url, "params.json"), "r") as f:
-        config = official_config(json.load(f))
+def official_weights(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path of a released `consolidated.pth` (top level or nested)."""
     fs, path = fsspec.core.url_to_fs(url)
     candidates = [_join(path, "consolidated.pth"), _join(path, "consolidated/consolidated.pth")]
     weights = next((c for c in candidates if fs.exists(c)), None)
     if weights is None:
         raise FileNotFoundError(f"no consolidated.pth under {url}")
+    return fs, weights
+
+
+def import_official_entropy_model(url: str) -> EntropyModel:
+    """Build an EntropyModel from Meta's released directory: `params.json` plus
+    `consolidated.pth` or `consolidated/consolidated.pth` (a dict whose `model` entry is the
+    state dict). Weights are cast to fp32; the model is returned on CPU in eval mode."""
+    try:
+        with fsspec.open(_join(url, "params.json"), "r") as f:
+            config = official_config(json.load(f))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no params.json under {url}") from None
+    fs, weights = official_weights(url)
     with fs.open(weights, "rb") as f:
         checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None

@@ -7,14 +7,17 @@ official checkpoints load key for key: RMSNorm, rotary position embeddings (RoPE
 
 Invariant: attention visibility is defined once, by `document_window_mask_mod` over per-token
 document ids and positions (same document, causal, within the sliding window). On CUDA it
-becomes a FlexAttention `BlockMask`; elsewhere a boolean mask for SDPA. Both backends therefore
-attend to exactly the same keys.
+becomes a FlexAttention `BlockMask`; elsewhere a boolean mask for SDPA, either dense (S x S) or,
+for a sliding window W much shorter than the row, a `LocalMask` over blocks of W queries and the
+2W keys they can reach (O(S*W) work instead of O(S^2)). All backends attend to exactly the same
+keys.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-AttentionMask = BlockMask | torch.Tensor
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -34,9 +36,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 even when activations are bf16, as in Meta's RMSNorm.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).type_as(x)
+        # F.rms_norm is one fused kernel: x * rsqrt(mean(x^2) + eps) * weight.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -57,10 +58,10 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0)
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate (B, S, H, head_dim) by pairs (2i, 2i+1), Meta Llama's layout, not the half split."""
     cos, sin = rope
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    # Pair (even, odd) as the complex number even + i*odd, turned by cos + i*sin: one kernel
+    # for (even*cos - odd*sin, even*sin + odd*cos), as Meta's apply_rotary_emb does.
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 def document_window_mask_mod(
@@ -85,19 +86,56 @@ def document_window_mask_mod(
     return mask_mod
 
 
+@dataclass
+class LocalMask:
+    """Sliding-window attention cut into blocks: query block i (tokens i*W ... i*W + W - 1)
+    sees key blocks i - 1 and i, the only keys a window of W can reach.
+
+    visible: (B, 1, n, W, 2W) bool, n = ceil(S / W); block i's keys are tokens (i-1)*W ...
+    (i+1)*W - 1 of the row, padded with W tokens in front and to n*W at the end. Padded query
+    rows see everything (finite values, discarded), so no softmax row is ever empty.
+    """
+
+    visible: torch.Tensor
+    block: int
+    seq_len: int
+
+
+AttentionMask = BlockMask | LocalMask | torch.Tensor
+
+
+def build_local_mask(mask_mod: Callable, num_rows: int, seq_len: int, window: int, device) -> LocalMask:
+    num_blocks = -(-seq_len // window)
+    b = torch.arange(num_rows, device=device)[:, None, None, None]
+    blocks = torch.arange(num_blocks, device=device)[None, :, None, None] * window
+    q_idx = blocks + torch.arange(window, device=device)[None, None, :, None]
+    kv_idx = blocks - window + torch.arange(2 * window, device=device)[None, None, None, :]
+    real_kv = (kv_idx >= 0) & (kv_idx < seq_len)
+    visible = mask_mod(b, None, q_idx.clamp(max=seq_len - 1), kv_idx.clamp(0, seq_len - 1))
+    visible = (visible & real_kv) | (q_idx >= seq_len)
+    return LocalMask(visible[:, None], window, seq_len)
+
+
 def build_attention_mask(
     doc_ids: torch.Tensor,
     positions: torch.Tensor,
     window: int | None,
     flex: bool | None = None,
+    local: bool | None = None,
 ) -> AttentionMask:
-    """The attention mask for (B, S) rows: a BlockMask for FlexAttention (default on CUDA) or a
-    boolean (B, 1, S, S) tensor for SDPA, both from `document_window_mask_mod`."""
+    """The attention mask for (B, S) rows, all from `document_window_mask_mod`.
+
+    flex (default: on CUDA): a FlexAttention BlockMask. Otherwise local (default: when the
+    window is under half the row) gives a blocked `LocalMask`, else a dense boolean (B, 1, S, S)
+    SDPA mask, the plain reference.
+    """
     mask_mod = document_window_mask_mod(doc_ids, positions, window)
     num_rows, seq_len = doc_ids.shape
     device = doc_ids.device
     if flex is None:
         flex = device.type == "cuda"
+        if local is None and not flex:
+            local = window is not None and seq_len > 2 * window
     if flex:
         return create_block_mask(
             mask_mod,
@@ -108,10 +146,33 @@ def build_attention_mask(
             device=device,
             _compile=device.type == "cuda",
         )
+    if local:
+        if window is None:
+            raise ValueError("a local (blocked) mask needs a sliding window")
+        return build_local_mask(mask_mod, num_rows, seq_len, window, device)
     b = torch.arange(num_rows, device=device)[:, None, None]
     q_idx = torch.arange(seq_len, device=device)[None, :, None]
     kv_idx = torch.arange(seq_len, device=device)[None, None, :]
     return mask_mod(b, None, q_idx, kv_idx)[:, None]
+
+
+def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask) -> torch.Tensor:
+    """SDPA over (B, H, S, head_dim) in blocks of W queries against their 2W reachable keys."""
+    num_rows, num_heads, seq_len, head_dim = q.shape
+    w = mask.block
+    num_blocks = mask.visible.shape[2]
+    tail = num_blocks * w - seq_len
+    # Queries: (B, H, n, W, D). Keys/values: W zeros in front, then windows of 2W with stride W.
+    q_blocks = F.pad(q, (0, 0, 0, tail)).unflatten(2, (num_blocks, w))
+    k_blocks = F.pad(k, (0, 0, w, tail)).unfold(2, 2 * w, w).transpose(-1, -2)
+    v_blocks = F.pad(v, (0, 0, w, tail)).unfold(2, 2 * w, w).transpose(-1, -2)
+    # SDPA's fused CPU kernel wants 4-D inputs: fold the blocks into the batch.
+    fold = lambda t: t.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B*n, H, ., D)
+    out = F.scaled_dot_product_attention(
+        fold(q_blocks), fold(k_blocks), fold(v_blocks), attn_mask=fold(mask.visible)
+    )
+    out = out.unflatten(0, (num_rows, num_blocks)).transpose(1, 2).flatten(2, 3)
+    return out[:, :, :seq_len]
 
 
 @functools.cache
@@ -125,6 +186,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     if isinstance(mask, BlockMask):
         flex = _compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask)
+    if isinstance(mask, LocalMask):
+        return local_attend(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -146,10 +209,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: AttentionMask) -> torch.Tensor:
         num_rows, seq_len, dim = x.shape
-        shape = (num_rows, seq_len, self.n_heads, self.head_dim)
-        q = apply_rope(self.wq(x).view(shape), rope)
-        k = apply_rope(self.wk(x).view(shape), rope)
-        v = self.wv(x).view(shape)
+        heads = self.n_heads
+        # One matmul for q, k, v (the keys stay wq/wk/wv, as in Meta's checkpoints), and one
+        # rotation for q and k together: fewer, larger kernels, which is what a CPU needs.
+        weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
+        qkv = F.linear(x, weight).view(num_rows, seq_len, 3 * heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, : 2 * heads], rope)
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, 2 * heads :]
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(num_rows, seq_len, dim))
 

@@ -60,6 +60,10 @@ def parse_size(text: str, option: str) -> int:
 
 
 def describe(m: Manifest) -> str:
+    if m.kind == "entropy-model":
+        bpb = m.params.get("val_bpb")
+        return (f"{m.ref} ({m.kind}): {m.params.get('num_params', 0):,} parameters"
+                + (f", val {bpb:.3f} bits/byte" if bpb is not None else ""))
     s = m.stats
     parts = f"{len(m.parts)} part" + ("" if len(m.parts) == 1 else "s")
     line = f"{m.ref} ({m.kind}): {s.documents:,} documents, {s.bytes / 1e6:,.1f} MB of text in {parts}"
@@ -231,6 +235,78 @@ def registry_verify(
             typer.secho(f"MISMATCH {m.ref}: {p}", err=True, fg="red")
         raise typer.Exit(1)
     typer.echo(f"{m.ref}: {len(m.parts) + len(m.quarantine)} parts verified, {m.stats.documents:,} documents")
+
+
+@app.command("train-entropy")
+def train_entropy(
+    docs: Annotated[str, typer.Argument(help="Documents dataset to train on: NAME or NAME@vN.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name of the entropy model to register.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, e.g. steps=2000 model.dim=256.", show_default=False)] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file, or a preset name from configs/entropy (debug, default, paper).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the job id; train nothing.")] = False,
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an entropy model (next-byte LM) and register it; resumes an interrupted run.
+
+    Runs under torchrun for several GPUs: torchrun --nproc-per-node N -m cli.blt_data train-entropy ...
+    """
+    from blt_model.configs import ConfigError
+    from blt_model.train_entropy import (
+        TrainingError, build_train_entropy_config, plan_job, train_entropy as run_training,
+    )
+
+    try:
+        cfg = build_train_entropy_config(config, overrides or [])
+        reg = open_registry(store)
+        if dry_run:
+            docs_manifest, job_id = plan_job(reg, docs, name, cfg)
+            typer.echo(json.dumps({"docs": docs_manifest.ref, "job_id": job_id, "config": cfg.model_dump(mode="json")}, indent=2))
+            return
+        result = run_training(reg, docs, name, cfg, progress=not quiet)
+    except (ConfigError, TrainingError, *EXPECTED_ERRORS) as e:
+        fail(str(e))
+    if not result.main_process:
+        return
+    if result.manifest is None:
+        typer.echo(f"stopped at step {result.step}/{cfg.steps} (job {result.job_id}); run the same command again to resume")
+        return
+    if as_json:
+        typer.echo(result.manifest.model_dump_json(indent=2))
+        return
+    describe_model(result.manifest)
+
+
+def describe_model(m: Manifest) -> None:
+    p = m.params
+    line = f"{m.ref} (entropy-model): {p.get('num_params', 0):,} parameters, sha256 {p.get('sha256', '?')[:16]}…"
+    if p.get("val_bpb") is not None:
+        line += f", val {p['val_bpb']:.3f} bits/byte"
+    typer.echo(line)
+    typer.echo(f"  parents   {', '.join(m.parents) or '-'}")
+
+
+@app.command("import-entropy-model")
+def import_entropy_model(
+    source: Annotated[str, typer.Argument(help="Folder (local or s3://) with Meta's params.json and consolidated.pth.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name to register the model under.")],
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import Meta's released BLT entropy model and register it (every tensor checked)."""
+    from blt_model.entropy_model import CheckpointMismatchError
+    from blt_model.entropy_registry import import_entropy_model as run_import
+
+    try:
+        reg = open_registry(store, create=True)
+        m = run_import(reg, source, name)
+    except (CheckpointMismatchError, *EXPECTED_ERRORS) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(m.model_dump_json(indent=2))
+        return
+    describe_model(m)
 
 
 @app.command()

@@ -159,3 +159,32 @@ def test_flex_attention_equals_sdpa_on_cuda():
         flex = block(x, rope, build_attention_mask(doc_ids, positions, 128, flex=True))
         sdpa = block(x, rope, build_attention_mask(doc_ids, positions, 128, flex=False))
     torch.testing.assert_close(flex, sdpa, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("seq_len,window", [(48, 4), (50, 8), (37, 5), (130, 16)])
+def test_local_blocked_attention_matches_dense_sdpa(seq_len, window):
+    """The O(S*W) blocked CPU path attends to exactly the keys of the dense mask: same outputs
+    and gradients, on packed rows with document edges and a row length that is no multiple of W."""
+    torch.manual_seed(seq_len)
+    doc_ids, positions = packed_rows(2, seq_len, seed=window)
+    attention = Attention(32, 4)
+    x = torch.randn(2, seq_len, 32, requires_grad=True)
+    rope = rope_cos_sin(positions, 8)
+    outs, grads = [], []
+    for local in (False, True):
+        mask = build_attention_mask(doc_ids, positions, window, flex=False, local=local)
+        out = attention(x, rope, mask)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        outs.append(out.detach())
+        grads.append(grad)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_default_mask_is_blocked_for_short_windows():
+    from blt_model.layers import LocalMask
+
+    doc_ids, positions = packed_rows(1, 64, seed=0)
+    assert isinstance(build_attention_mask(doc_ids, positions, 8), LocalMask)
+    assert isinstance(build_attention_mask(doc_ids, positions, 48), torch.Tensor)
+    assert isinstance(build_attention_mask(doc_ids, positions, None), torch.Tensor)

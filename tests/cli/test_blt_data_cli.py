@@ -88,7 +88,7 @@ def test_demo_runs_and_second_run_reuses(local_store_url):
     assert "stdlib@v1" in second and "stdlib-shuffled@v1" in second and "@v2" not in second
 
 
-@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"], ["train-entropy"], ["import-entropy-model"]])
 def test_help(command):
     out = blt(*command, "--help")
     assert "Usage" in out
@@ -108,4 +108,6 @@ def test_options_snapshot():
         "download": sorted(["source", "name", "split", "text_field", "id_field", "limit", "part_size", "store", "quiet", "as_json"]),
         "shuffle": sorted(["ref", "name", "chunks", "seed", "memory", "val_docs", "store", "quiet", "as_json"]),
         "demo": sorted(["store", "quiet"]),
+        "train-entropy": sorted(["docs", "name", "overrides", "config", "dry_run", "store", "quiet", "as_json"]),
+        "import-entropy-model": sorted(["source", "name", "store", "as_json"]),
     }

@@ -1,0 +1,90 @@
+"""Run configs in three layers (STYLE.md §2): class defaults, then a YAML file, then dotted
+`key=value` overrides from the command line.
+
+Invariant: the result is a validated pydantic model; an unknown key (at any depth), a value
+that does not parse to its field's type, or a malformed override is a `ConfigError` naming the
+key, never a warning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ValidationError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot make a valid config."""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        with fsspec.open(str(path), "r") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def _field_names(cls: type[BaseModel], dotted: list[str]) -> None:
+    """Refuse an override whose dotted key names no field (before pydantic sees it)."""
+    model: Any = cls
+    for depth, key in enumerate(dotted):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            raise ConfigError(f"{'.'.join(dotted)}: {'.'.join(dotted[:depth])} is not a section")
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {'.'.join(dotted)!r} (known here: {known})")
+        model = fields[key].annotation
+
+
+def apply_override(data: dict[str, Any], cls: type[BaseModel], override: str) -> None:
+    """Set `a.b=c` in the nested dict `data`; the value is read as a YAML scalar (1e-3, true,
+    null, [1, 2]) and validated against the field's type later."""
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not KEY=VALUE (e.g. model.dim=256)")
+    dotted = key.split(".")
+    _field_names(cls, dotted)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in dotted[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[dotted[-1]] = value
+
+
+def build_config(
+    cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> C:
+    """defaults <- YAML file <- overrides, validated once."""
+    data = read_yaml(path) if path else {}
+    for override in overrides:
+        apply_override(data, cls, override)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else "")
+            for err in e.errors()
+        )
+        raise ConfigError(f"invalid {cls.__name__}: {problems}") from None

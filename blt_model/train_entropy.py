@@ -1,0 +1,473 @@
+"""Training the entropy model (BLT paper §2.3): next-byte cross-entropy on a documents dataset.
+
+Data: the `train` split in manifest order (shuffled datasets are shuffled already) is one
+stream of documents; document j contributes inputs BOS, b_0 .. b_{n-2} and targets b_0 ..
+b_{n-1}, the scorer's convention (`blt_data.entropy.document_tokens`), so the training loss is
+the scorer's cross-entropy. The stream is cut into rows of `row_len` tokens with per-token
+document ids and positions; attention never crosses documents, and a document that crosses a
+row edge continues in the next row. The stream cycles over epochs; nothing is padded.
+
+Several processes (torchrun, DDP): every rank packs the same global row stream and trains rows
+rank*batch_rows ... of each global batch, so the data position is one global cursor
+(epoch, document, token offset), and no document is repeated or skipped whatever the world size.
+
+Resume: the job id hashes the documents manifest and the config's result fields. Every
+`checkpoint_every` steps rank 0 writes model, optimizer, step, data cursor and RNG to
+`models/<name>/_jobs/<job-id>/checkpoint.pt` in one PUT; a run with the same job id resumes
+from it. A step's batch is a pure function of the cursor and its learning rate of the step, so
+on CPU a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+
+Invariant: the model becomes visible only when its manifest is committed, last (see
+`blt_model.entropy_registry`).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from blt_data.documents import iter_lines
+from blt_data.entropy import BYTE_OFFSET, document_tokens
+from blt_data.registry import Manifest, Registry, RegistryError, job_hash
+from blt_model.configs import build_config
+from blt_model.entropy_model import EntropyModel, EntropyModelConfig
+from blt_model.entropy_registry import register_entropy_model
+
+log = logging.getLogger(__name__)
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "entropy"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+IGNORE = -1  # target of pad tokens (validation rows only)
+# Fields that change how a run executes but not the weights it ends with: left out of the job id.
+EXECUTION_FIELDS = {"device", "max_steps_this_run", "checkpoint_every", "log_every", "eval_every"}
+
+
+class TrainEntropyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: EntropyModelConfig = Field(default_factory=EntropyModelConfig, description="model shape")
+    steps: int = Field(1000, gt=0, description="optimizer steps in total")
+    batch_rows: int = Field(8, gt=0, description="rows per step on each rank")
+    row_len: int = Field(2048, ge=2, description="tokens per training row")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays lr to lr * this")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay of matrices (not norms)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
+    eval_every: int = Field(200, ge=0, description="steps between val evaluations; 0 = at the end only")
+    eval_bytes: int = Field(1_000_000, gt=0, description="val bytes per evaluation (first of the split)")
+    holdout_docs: int = Field(200, gt=0, description="train docs held out as val when there is no val split")
+    checkpoint_every: int = Field(200, ge=0, description="steps between checkpoints; 0 = at stops only")
+    log_every: int = Field(10, gt=0, description="steps between progress updates")
+    seed: int = Field(0, description="seeds the model initialisation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
+    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainEntropyConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
+        return self
+
+    def result_fields(self) -> dict:
+        return self.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+
+
+def preset_path(name_or_path: str) -> str:
+    """`--config debug` means configs/entropy/debug.yaml; anything else is a path or URL."""
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and not name_or_path.endswith(".yaml") and candidate.exists():
+        return str(candidate)
+    return name_or_path
+
+
+def build_train_entropy_config(path: str | None, overrides: list[str]) -> TrainEntropyConfig:
+    return build_config(TrainEntropyConfig, preset_path(path) if path else None, overrides)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue (unreadable checkpoint, no documents, ...)."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Distributed:
+    """The one place that reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    Several processes: NCCL on CUDA, gloo on CPU; one process: no process group at all.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise TrainingError("device=cuda but no CUDA device is available")
+    torch_device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(torch_device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Distributed(rank, world_size, torch_device)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """(R, S) int64 arrays: inputs, targets (IGNORE on pads), doc ids, positions."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    doc_ids: np.ndarray
+    positions: np.ndarray
+
+    def to(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(a).to(device) for a in (self.tokens, self.targets, self.doc_ids, self.positions))
+
+
+def document_texts(registry: Registry, manifest: Manifest, split: str, start: int = 0) -> Iterator[bytes]:
+    """UTF-8 texts of one split from document `start` on; parts wholly before it are not read."""
+    skip = start
+    for part in manifest.parts_of(split):
+        if skip >= part.rows:
+            skip -= part.rows
+            continue
+        lines = iter_lines(registry.store, registry.part_path(manifest, part))
+        for line in itertools.islice(lines, skip, None):
+            yield json.loads(line)["text"].encode("utf-8")
+        skip = 0
+
+
+def _empty_rows(num_rows: int, row_len: int) -> Rows:
+    return Rows(
+        tokens=np.zeros((num_rows, row_len), np.int64),
+        targets=np.full((num_rows, row_len), IGNORE, np.int64),
+        doc_ids=np.full((num_rows, row_len), -1, np.int64),
+        # Pads keep increasing positions so they attend among themselves, never to nothing.
+        positions=np.tile(np.arange(row_len, dtype=np.int64), (num_rows, 1)),
+    )
+
+
+def training_rows(
+    open_texts: Callable[[int], Iterator[bytes]], row_len: int, cursor: dict | None = None
+) -> Iterator[tuple[Rows, dict]]:
+    """Endless (1-row Rows, cursor after it). `open_texts(j)` yields the epoch's documents from
+    document j on; the cursor {epoch, doc, offset} is where the next row starts."""
+    cursor = dict(cursor or {"epoch": 0, "doc": 0, "offset": 0})
+    epoch, doc, offset = cursor["epoch"], cursor["doc"], cursor["offset"]
+    texts = open_texts(doc)
+    current = None  # (inputs, targets) of document `doc`
+    while True:
+        row = _empty_rows(1, row_len)
+        col = segment = 0
+        while col < row_len:
+            if current is None:
+                text = next(texts, None)
+                if text is None:
+                    if doc == 0:
+                        raise TrainingError("the training split holds no text")
+                    epoch, doc, offset, texts = epoch + 1, 0, 0, open_texts(0)
+                    continue
+                if not text:
+                    doc += 1
+                    continue
+                targets = np.frombuffer(text, dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
+                current = (document_tokens(text).astype(np.int64), targets)
+            inputs, targets = current
+            n = min(len(inputs) - offset, row_len - col)
+            row.tokens[0, col : col + n] = inputs[offset : offset + n]
+            row.targets[0, col : col + n] = targets[offset : offset + n]
+            row.doc_ids[0, col : col + n] = segment
+            row.positions[0, col : col + n] = np.arange(offset, offset + n)
+            col, offset, segment = col + n, offset + n, segment + 1
+            if offset == len(inputs):
+                current, doc, offset = None, doc + 1, 0
+        yield row, {"epoch": epoch, "doc": doc, "offset": offset}
+
+
+def validation_rows(texts: Iterator[bytes], row_len: int, max_bytes: int) -> Rows:
+    """The first `max_bytes` bytes of `texts` (whole documents, the last one cut), packed once;
+    the last row's tail is padded with IGNORE targets."""
+    taken, left = [], max_bytes
+    for text in texts:
+        if left <= 0:
+            break
+        if text:
+            taken.append(text[:left])
+            left -= len(taken[-1])
+    if not taken:
+        raise TrainingError("the validation documents hold no text")
+    num_tokens = sum(len(t) for t in taken)
+    num_rows = -(-num_tokens // row_len)
+    stream = training_rows(lambda start: iter(taken[start:]), row_len)
+    rows = [row for row, _ in itertools.islice(stream, num_rows)]
+    out = Rows(*(np.concatenate([getattr(r, f) for r in rows]) for f in ("tokens", "targets", "doc_ids", "positions")))
+    # The stream wrapped into a second epoch to fill the last row: turn that tail into pads.
+    tail = slice(num_tokens, None)
+    flat = [a.reshape(-1) for a in (out.tokens, out.targets, out.doc_ids, out.positions)]
+    flat[0][tail], flat[1][tail], flat[2][tail] = 0, IGNORE, -1
+    flat[3][tail] = np.arange(flat[3][tail].size)
+    return out
+
+
+# --- optimisation -----------------------------------------------------------------------------
+
+
+def learning_rate(step: int, cfg: TrainEntropyConfig) -> float:
+    """Learning rate of update `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainEntropyConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # RMSNorm weights
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # fused: one kernel for all parameters; on CPU the per-tensor ops of small models cost
+    # more than their maths.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+def _autocast(device: torch.device, cfg: TrainEntropyConfig):
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def next_byte_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (nats) of the targets; pads (IGNORE) do not count."""
+    tokens, targets, doc_ids, positions = batch
+    logits = model(tokens, doc_ids, positions)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction
+    )
+
+
+@torch.no_grad()
+def evaluate_bpb(model, rows: Rows, batch_rows: int, env: Distributed, cfg: TrainEntropyConfig) -> float:
+    """Bits per byte on validation rows; ranks split the rows and sum."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)
+    mine = np.arange(env.rank, len(rows.tokens), env.world_size)
+    for i in range(0, len(mine), batch_rows):
+        pick = mine[i : i + batch_rows]
+        part = Rows(rows.tokens[pick], rows.targets[pick], rows.doc_ids[pick], rows.positions[pick])
+        batch = part.to(env.device)
+        with _autocast(env.device, cfg):
+            totals[0] += next_byte_loss(model, batch, reduction="sum").double()
+        totals[1] += int((part.targets != IGNORE).sum())
+    if env.world_size > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    return float(totals[0] / totals[1] / math.log(2))
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def save_checkpoint(registry: Registry, path: str, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    registry.store.write_bytes(path, buffer.getvalue())  # one PUT: whole or absent
+
+
+def load_checkpoint(registry: Registry, path: str, job_id: str) -> dict | None:
+    if not registry.store.exists(path):
+        return None
+    uri = registry.store.uri(path)
+    try:
+        state = torch.load(io.BytesIO(registry.store.read_bytes(path)), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise TrainingError(f"checkpoint {uri} is unreadable ({type(e).__name__}: {reason}); delete it to start this job over") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("job_id") != job_id:
+        raise TrainingError(f"checkpoint {uri} is not a version-{CHECKPOINT_VERSION} checkpoint of job {job_id}; delete it to start over")
+    return state
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainEntropyResult:
+    job_id: str
+    step: int
+    finished: bool
+    val_bpb: float | None
+    manifest: Manifest | None  # set once the model is registered
+    main_process: bool = True  # False on torchrun ranks other than 0 (they report nothing)
+
+
+def plan_job(registry: Registry, docs_ref: str, name: str, cfg: TrainEntropyConfig) -> tuple[Manifest, str]:
+    """The documents manifest and the job id; fails early on a bad reference or kind."""
+    docs = registry.resolve(docs_ref, kind="documents")
+    registry.dataset_dir(name, area="models")  # checks the name
+    job_id = job_hash({"step": "train-entropy", "docs": docs.id, "config": cfg.result_fields()})
+    return docs, job_id
+
+
+def train_entropy(
+    registry: Registry,
+    docs_ref: str,
+    name: str,
+    cfg: TrainEntropyConfig,
+    progress: bool = True,
+) -> TrainEntropyResult:
+    """Train (or resume, or find already registered) the entropy model `name` on `docs_ref`."""
+    docs, job_id = plan_job(registry, docs_ref, name, cfg)
+    done = registry.find_job(name, job_id, area="models")
+    if done is not None:
+        return TrainEntropyResult(job_id, cfg.steps, True, done.params.get("val_bpb"), done)
+    env = init_distributed(cfg.device)
+    job_dir = registry.job_dir(name, job_id, area="models")
+    checkpoint_path = f"{job_dir}/{CHECKPOINT_FILE}"
+
+    # Validation: the val split, else a deterministic holdout from the head of train.
+    train_start = 0
+    if docs.parts_of("val"):
+        val_texts = document_texts(registry, docs, "val")
+        val_source = "val split"
+    else:
+        train_docs = sum(p.rows for p in docs.parts_of("train"))
+        train_start = min(cfg.holdout_docs, max(1, train_docs // 10))
+        val_texts = itertools.islice(document_texts(registry, docs, "train"), train_start)
+        val_source = f"first {train_start} train documents (held out of training; no val split)"
+        if env.is_main:
+            log.warning("%s has no val split: validating on the %s", docs.ref, val_source)
+    val_rows = validation_rows(val_texts, cfg.row_len, cfg.eval_bytes)
+
+    torch.manual_seed(cfg.seed)
+    model = EntropyModel(cfg.model).to(env.device)
+    optimizer = build_optimizer(model, cfg)
+    step, cursor, history = 0, None, []
+    state = load_checkpoint(registry, checkpoint_path, job_id)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, cursor, history = state["step"], state["cursor"], state["history"]
+        if state["world_size"] != env.world_size and env.is_main:
+            log.warning("resuming a %d-process run on %d: same data, different batches per rank", state["world_size"], env.world_size)
+    train_model = model
+    if env.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
+    model.train()
+
+    rows = training_rows(
+        lambda start: document_texts(registry, docs, "train", train_start + start), cfg.row_len, cursor
+    )
+    global_rows = cfg.batch_rows * env.world_size
+    mine = slice(env.rank * cfg.batch_rows, (env.rank + 1) * cfg.batch_rows)
+    stop_at = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, step + cfg.max_steps_this_run)
+
+    def checkpoint() -> None:
+        if env.is_main:
+            save_checkpoint(registry, checkpoint_path, {
+                "version": CHECKPOINT_VERSION, "job_id": job_id, "step": step, "cursor": cursor,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "world_size": env.world_size, "history": history,
+            })
+        if env.world_size > 1:
+            dist.barrier()
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train-entropy {name}", unit="step",
+               disable=not (progress and env.is_main), dynamic_ncols=True)
+    val_bpb = history[-1]["val_bpb"] if history else None
+    timer, timed_bytes = time.perf_counter(), 0
+    while step < stop_at:
+        taken = list(itertools.islice(rows, global_rows))
+        cursor = taken[-1][1]
+        batch_rows = taken[mine]
+        batch = Rows(*(np.concatenate([getattr(r, f) for r, _ in batch_rows]) for f in ("tokens", "targets", "doc_ids", "positions")))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        with _autocast(env.device, cfg):
+            loss = next_byte_loss(train_model, batch.to(env.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        timed_bytes += global_rows * cfg.row_len
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            val_bpb = evaluate_bpb(model, val_rows, cfg.batch_rows, env, cfg)
+            history.append({"step": step, "val_bpb": val_bpb})
+        if step % cfg.log_every == 0 or step == stop_at:
+            elapsed = time.perf_counter() - timer
+            postfix = {"loss": f"{loss.item():.3f}", "bpb": f"{loss.item() / math.log(2):.3f}",
+                       "KB/s": f"{timed_bytes / elapsed / 1e3:.1f}"}
+            if val_bpb is not None:
+                postfix["val_bpb"] = f"{val_bpb:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(step - bar.n)
+            timer, timed_bytes = time.perf_counter(), 0
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            checkpoint()
+    bar.close()
+    rows.close()
+
+    if step < cfg.steps:
+        checkpoint()
+        return TrainEntropyResult(job_id, step, False, val_bpb, None, env.is_main)
+
+    val_bpb = evaluate_bpb(model, val_rows, cfg.batch_rows, env, cfg)
+    history.append({"step": step, "val_bpb": val_bpb})
+    manifest = None
+    if env.is_main:
+        checkpoint()  # a crash during registration must not lose the training
+        params = {
+            "config": cfg.result_fields(),
+            "val_bpb": val_bpb,
+            "val_source": val_source,
+            "val_history": history,
+            "docs": docs.id,
+            "world_size": env.world_size,
+            "train_tokens": cfg.steps * global_rows * cfg.row_len,
+            "final_cursor": cursor,
+        }
+        manifest = register_entropy_model(registry, model.cpu(), name, job_id, [docs.ref], params)
+    elif env.world_size > 1:
+        dist.barrier()  # the main rank's checkpoint() barrier
+    if env.world_size > 1:
+        dist.barrier()
+        if manifest is None:
+            manifest = registry.find_job(name, job_id, area="models")
+    if manifest is None:
+        raise RegistryError(f"training of {name} finished but its manifest is not in the registry")
+    return TrainEntropyResult(job_id, step, True, val_bpb, manifest, env.is_main)
