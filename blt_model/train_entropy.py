@@ -50,7 +50,7 @@ from blt_model.entropy_registry import register_entropy_model
 
 log = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "entropy"
+PRESET_DIR = Path(__file__).resolve().parent / "presets" / "entropy"  # package data: works installed
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 IGNORE = -1  # target of pad tokens (validation rows only)
@@ -93,7 +93,7 @@ class TrainEntropyConfig(BaseModel):
 
 
 def preset_path(name_or_path: str) -> str:
-    """`--config debug` means configs/entropy/debug.yaml; anything else is a path or URL."""
+    """`--config debug` means blt_model/presets/entropy/debug.yaml; anything else is a path or URL."""
     candidate = PRESET_DIR / f"{name_or_path}.yaml"
     if "/" not in name_or_path and not name_or_path.endswith(".yaml") and candidate.exists():
         return str(candidate)

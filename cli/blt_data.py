@@ -242,7 +242,7 @@ def train_entropy(
     docs: Annotated[str, typer.Argument(help="Documents dataset to train on: NAME or NAME@vN.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Name of the entropy model to register.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, e.g. steps=2000 model.dim=256.", show_default=False)] = None,
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file, or a preset name from configs/entropy (debug, default, paper).")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file, or a preset name (debug, default, paper: blt_model/presets/entropy).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the job id; train nothing.")] = False,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
