@@ -276,6 +276,10 @@ class Registry:
         total = sum(p.rows for p in manifest.parts)
         if manifest.kind in ("documents", "patches") and total != manifest.stats.documents:
             problems.append(f"parts hold {total} rows but stats say {manifest.stats.documents} documents")
+        if manifest.kind == "patches" and not problems:
+            from blt_data.patches import verify_patches  # patches builds on this module
+
+            problems += verify_patches(self, manifest)
         return problems
 
 

@@ -158,6 +158,103 @@ def shuffle(
     report(m, reg, as_json)
 
 
+
+def describe_patches(m: Manifest, as_json: bool) -> None:
+    if as_json:
+        return
+    s, p = m.stats, m.params
+    line = f"  {s.patches or 0:,} patches, mean {s.mean_patch_length or 0:.2f} bytes ({p['scheme']}"
+    if p.get("threshold") is not None:
+        line += f", threshold {p['threshold']:.4g} nats"
+    if p.get("calibration"):
+        c = p["calibration"]
+        line += f" calibrated for {c['target']:g} bytes on {c['sample_bytes']:,} sample bytes, reached {c['mean_patch_size_reached']:.3f}"
+    typer.echo(line + ")")
+    if p.get("model"):
+        typer.echo(f"  model {p['model']['ref']} (sha256 {p['model']['sha256'][:16]}…)")
+
+
+@app.command()
+def patch(
+    docs: Annotated[str, typer.Argument(help="Documents dataset to patch: NAME or NAME@vN.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name of the patches dataset to create.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, e.g. cpus_per_worker=1 row_len=2048 retries=5.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Entropy model: 'default' (shipped) or NAME[@vN]. [default: 'default' for entropy schemes; none for others]", show_default=False)] = None,
+    scheme: Annotated[str, typer.Option(help="entropy | monotonic | space | static | byte")] = "entropy",
+    threshold: Annotated[Optional[float], typer.Option(help="Entropy threshold in nats (entropy schemes).")] = None,
+    target_patch_size: Annotated[Optional[float], typer.Option(help="Calibrate the threshold for this mean patch size in bytes instead.")] = None,
+    max_patch_length: Annotated[Optional[int], typer.Option(help="Cut longer patches into pieces of this many bytes.", min=1)] = None,
+    entropies: Annotated[bool, typer.Option("--entropies/--no-entropies", help="Store the per-byte entropies (needed by repatch).")] = True,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to run on. [default: a local Ray]", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Scoring actors. [default: 2]", min=1, show_default=False)] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(help="GPUs per actor; > 0 scores on CUDA. [default: 0]", min=0, show_default=False)] = None,
+    unit_size: Annotated[Optional[str], typer.Option(help="Input bytes per unit of work (e.g. 16MB). [default: 16MB]", show_default=False)] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file of PatchJobConfig fields.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config, the job id and the planned units; write nothing.")] = False,
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Patch a documents dataset with an entropy model on Ray (local, or a cluster); resumable.
+
+    Each unit of work is scored, patched and written by an actor; finished units survive a
+    crash, and running the same command again continues where it stopped.
+    """
+    from blt_model.configs import ConfigError, build_config
+    from pipelines.patch_job import PatchJobConfig, PatchJobError, plan_patch_job, run_patch_job
+
+    flags = {
+        "docs": docs, "name": name, "model": model, "scheme": scheme, "threshold": threshold,
+        "target_patch_size": target_patch_size, "max_patch_length": max_patch_length, "entropies": entropies,
+        "ray_address": ray_address, "workers": workers, "gpus_per_worker": gpus_per_worker,
+        "unit_bytes": parse_size(unit_size, "--unit-size") if unit_size else None,
+    }
+    given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    try:
+        cfg = build_config(PatchJobConfig, config, [*given, *(overrides or [])])
+        reg = open_registry(store, create=not dry_run)
+        if dry_run:
+            typer.echo(json.dumps(plan_patch_job(reg, cfg).summary(), indent=2))
+            return
+        m = run_patch_job(reg, cfg, progress=not quiet)
+    except ConnectionError as e:
+        fail(f"cannot reach Ray at {ray_address}: {e}")
+    except (ConfigError, PatchJobError, *EXPECTED_ERRORS) as e:
+        fail(str(e))
+    report(m, reg, as_json)
+    describe_patches(m, as_json)
+
+
+@app.command()
+def repatch(
+    patches: Annotated[str, typer.Argument(help="Patches dataset with stored entropies: NAME or NAME@vN.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name of the patches dataset to create.")],
+    threshold: Annotated[Optional[float], typer.Option(help="Entropy threshold in nats.")] = None,
+    target_patch_size: Annotated[Optional[float], typer.Option(help="Calibrate the threshold for this mean patch size in bytes instead.")] = None,
+    scheme: Annotated[str, typer.Option(help="entropy | monotonic")] = "entropy",
+    max_patch_length: Annotated[Optional[int], typer.Option(help="Cut longer patches into pieces of this many bytes.", min=1)] = None,
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """New patches from stored entropies with another rule: CPU only, no model, no Ray."""
+    from pydantic import ValidationError
+
+    from blt_data.repatch import RepatchConfig, repatch as run_repatch
+
+    try:
+        cfg = RepatchConfig(patches=patches, name=name, scheme=scheme, threshold=threshold,
+                            target_patch_size=target_patch_size, max_patch_length=max_patch_length)
+    except ValidationError as e:
+        fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
+    try:
+        reg = open_registry(store)
+        m = run_repatch(reg, cfg, progress=not quiet)
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    report(m, reg, as_json)
+    describe_patches(m, as_json)
+
 def resolve_any(reg: Registry, ref: str) -> Manifest:
     """A dataset reference, or failing that a model reference."""
     try:

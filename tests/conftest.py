@@ -1,9 +1,11 @@
 """Fixtures shared by the whole run: a real S3 HTTP server on loopback (moto's server mode,
-reached through s3fs exactly as production reaches AWS or MinIO) and store URLs on it or on disk.
+reached through s3fs exactly as production reaches AWS or MinIO), store URLs on it or on disk,
+and one local Ray instance.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -65,3 +67,18 @@ def store_url(request, tmp_path):
 @pytest.fixture
 def local_store_url(tmp_path):
     return str(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole run (starting one takes seconds); yields its GCS address, which
+    a subprocess driver can join with ``--ray-address``. 4 logical CPUs on whatever cores there
+    are: actors take fractions of them, so a pool never starves another task (ENVIRONMENT.md)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

@@ -88,7 +88,7 @@ def test_demo_runs_and_second_run_reuses(local_store_url):
     assert "stdlib@v1" in second and "stdlib-shuffled@v1" in second and "@v2" not in second
 
 
-@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"], ["train-entropy"], ["import-entropy-model"]])
+@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"]])
 def test_help(command):
     out = blt(*command, "--help")
     assert "Usage" in out
@@ -110,4 +110,8 @@ def test_options_snapshot():
         "demo": sorted(["store", "quiet"]),
         "train-entropy": sorted(["docs", "name", "overrides", "config", "dry_run", "store", "quiet", "as_json"]),
         "import-entropy-model": sorted(["source", "name", "store", "as_json"]),
+        "patch": sorted(["docs", "name", "overrides", "model", "scheme", "threshold", "target_patch_size", "max_patch_length",
+                         "entropies", "ray_address", "workers", "gpus_per_worker", "unit_size", "config", "dry_run",
+                         "store", "quiet", "as_json"]),
+        "repatch": sorted(["patches", "name", "threshold", "target_patch_size", "scheme", "max_patch_length", "store", "quiet", "as_json"]),
     }

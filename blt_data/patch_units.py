@@ -1,0 +1,167 @@
+"""Units of work of the patch step (DESIGN.md §6): plan them, read one, patch one.
+
+A *unit* is a run of consecutive lines of one documents part, of at most ``unit_bytes`` bytes of
+JSON lines (a single longer document makes a unit of its own). Units are numbered in manifest
+order, part by part, so the plan is a pure function of the input manifest and ``unit_bytes``.
+
+Doing unit k (``patch_unit``) writes, in this order:
+
+    <output>/_jobs/<job-id>/part-<k:06d>.parquet          the patched documents (one Parquet part)
+    <output>/_jobs/<job-id>/_done/unit-<k:06d>.json       its completion record: PartInfo + UnitStats
+
+Invariant: a completion record exists only once its part is published whole, and the part is a
+pure function of the unit's documents and the job's parameters; so a record can be trusted by
+any later process, and a unit redone after a crash writes the same bytes again.
+
+This module knows nothing of Ray: ``pipelines/patch_job.py`` runs ``patch_unit`` in actors and
+hands it the scoring function (the entropy model stays outside ``blt_data``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from blt_data.documents import iter_lines
+from blt_data.patches import UnitStats, build_table, entropies_array, part_name, write_part
+from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.registry import Manifest, PartInfo, Registry
+from blt_data.storage import Store
+
+# texts -> one float array of per-byte entropies (nats) per text, in order.
+ScoreFn = Callable[[list[str]], Iterable[np.ndarray]]
+
+
+class Unit(BaseModel):
+    """Lines [start, stop) of input part ``part`` (its path relative to the input dataset)."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    part: str
+    split: str
+    start: int
+    stop: int
+    bytes: int  # JSON line bytes, for planning and progress
+
+
+class UnitSpec(BaseModel):
+    """What every unit of one job shares. Folders are relative to the store root."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_dir: str
+    output_dir: str
+    name: str
+    job_id: str
+    patch: PatchConfig
+    keep_entropies: bool
+
+    @property
+    def job_dir(self) -> str:
+        return f"{self.output_dir}/_jobs/{self.job_id}"
+
+
+class UnitRecord(BaseModel):
+    """The completion record of one unit."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: int
+    part: PartInfo
+    stats: UnitStats
+
+
+def record_path(spec: UnitSpec, index: int) -> str:
+    return f"{spec.job_dir}/_done/unit-{index:06d}.json"
+
+
+def plan_units(registry: Registry, docs: Manifest, unit_bytes: int) -> list[Unit]:
+    """Every unit of a documents dataset. Reads each part once (line lengths only)."""
+    units: list[Unit] = []
+    for part in docs.parts:
+        start = size = 0
+        line = -1
+        for line, raw in enumerate(iter_lines(registry.store, registry.part_path(docs, part))):
+            n = len(raw) + 1
+            if size and size + n > unit_bytes:
+                units.append(Unit(index=len(units), part=part.path, split=part.split, start=start, stop=line, bytes=size))
+                start, size = line, 0
+            size += n
+        if line + 1 > start:
+            units.append(Unit(index=len(units), part=part.path, split=part.split, start=start, stop=line + 1, bytes=size))
+    return units
+
+
+def iter_unit_lines(store: Store, input_dir: str, unit: Unit) -> Iterator[bytes]:
+    # A part is one zstd frame, so reaching line `start` means decompressing what precedes it;
+    # that costs far less than scoring the unit (GB/s against MB/s).
+    for i, raw in enumerate(iter_lines(store, f"{input_dir}/{unit.part}")):
+        if i >= unit.stop:
+            return
+        if i >= unit.start:
+            yield raw
+
+
+def read_unit(store: Store, input_dir: str, unit: Unit) -> tuple[list[str], list[str]]:
+    ids, texts = [], []
+    for raw in iter_unit_lines(store, input_dir, unit):
+        doc = json.loads(raw)
+        ids.append(doc["id"])
+        texts.append(doc["text"])
+    if len(ids) != unit.stop - unit.start:
+        raise RuntimeError(f"unit {unit.index}: {unit.part} has {unit.start + len(ids)} lines, expected at least {unit.stop}")
+    return ids, texts
+
+
+def calibration_sample(store: Store, input_dir: str, units: list[Unit], sample_bytes: int) -> list[str]:
+    """A deterministic sample of about ``sample_bytes`` UTF-8 bytes: the head of every input part,
+    an equal share each; the document that crosses a share's end is cut there (its entropies
+    are those of the whole document's first bytes, as scoring is causal)."""
+    heads = [u for u in units if u.start == 0]
+    share = max(1, sample_bytes // max(1, len(heads)))
+    texts = []
+    for unit in heads:
+        left = share
+        for raw in iter_lines(store, f"{input_dir}/{unit.part}"):
+            data = json.loads(raw)["text"].encode("utf-8")
+            if not data:
+                continue
+            texts.append(data[:left].decode("utf-8", errors="ignore"))
+            left -= len(data)
+            if left <= 0:
+                break
+    return [t for t in texts if t]
+
+
+def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None) -> UnitRecord:
+    """Read, score (when ``score`` is given), patch and write one unit, then its record."""
+    ids, texts = read_unit(store, spec.input_dir, unit)
+    entropies = None
+    if score is not None:
+        # Rounded to float16 before patching: the rule sees exactly what is stored, so a repatch
+        # from the stored entropies reproduces this job (DESIGN.md §4 stores float16).
+        entropies = entropies_array([np.asarray(e).astype(np.float16) for e in score(texts)])
+    text = pa.array(texts, pa.large_string())
+    patch_lengths = patch_lengths_arrow(text, entropies, spec.patch)
+    table = build_table(ids, text, patch_lengths, entropies if spec.keep_entropies else None)
+    info = write_part(
+        store, f"{spec.job_dir}/{part_name(unit.index)}", f"_jobs/{spec.job_id}/{part_name(unit.index)}",
+        table, dataset=spec.name, job_id=spec.job_id, split=unit.split,
+    )
+    flat = entropies.values.to_numpy(zero_copy_only=False) if entropies is not None else None
+    record = UnitRecord(unit=unit.index, part=info, stats=UnitStats.of(patch_lengths, flat))
+    store.write_bytes(record_path(spec, unit.index), record.model_dump_json().encode())
+    return record
+
+
+def load_records(store: Store, spec: UnitSpec) -> dict[int, UnitRecord]:
+    """Completion records found in the job folder (one listing, then one read each)."""
+    records = {}
+    for rel in store.list(f"{spec.job_dir}/_done"):
+        if rel.endswith(".json"):
+            record = UnitRecord.model_validate_json(store.read_bytes(rel))
+            records[record.unit] = record
+    return records
+

@@ -1,0 +1,430 @@
+"""``blt-data patch``: a documents dataset -> a patches dataset, as a Ray program (DESIGN.md §6).
+
+    input manifest -> plan units (driver) -> [calibrate threshold on a sample (one actor)]
+        -> pool of PatchWorker actors: read unit, score entropies, patch, write part + record
+        -> driver: ray.wait, record, retry -> commit the manifest
+
+Commit order (the invariant): each unit's Parquet part is published whole, then its completion
+record (``blt_data.patch_units``); the manifest is created last, with put-if-absent, only when
+every unit has a record. A rerun of the same job (same job id) skips every unit with a record,
+so killing the driver and starting it again recomputes nothing that finished, and its result
+is the same bytes as an uninterrupted run's.
+
+The job id hashes what decides the output: the input manifest id, the model's sha256, the patch
+rule (with the *target* patch size, not the calibrated threshold), whether entropies are
+stored, the unit size and the scoring settings. The calibrated threshold is itself output: it is
+stored once in the job folder (``calibration.json``, put-if-absent) and every later run reuses it.
+
+Where it runs is configuration alone: without ``ray_address`` a local Ray on this machine's CPUs
+(or a Ray already initialised in this process, e.g. a test session's); with one, a cluster.
+Workers get the store's non-secret settings (endpoint, region) through the runtime env;
+credentials come from the workers' own environment or instance role, never from this program.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import ray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from blt_data.calibrate import Calibration, calibrate_threshold
+from blt_data.patch_units import (
+    Unit, UnitRecord, UnitSpec, calibration_sample, load_records, patch_unit, plan_units,
+)
+from blt_data.patches import UnitStats, arrow_schema_summary
+from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, Scheme
+from blt_data.registry import Manifest, Registry, check_name, job_hash
+from blt_data.storage import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"  # the shipped model (blt_model.entropy_registry.DEFAULT_MODEL)
+# Store settings the workers need and that are safe to pass along (no credentials).
+STORE_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "BLT_STORE")
+
+
+class PatchJobError(RuntimeError):
+    """A unit failed more often than allowed, or the job cannot run as configured."""
+
+
+class FaultInjection(BaseModel):
+    """Testing only: make attempts 0..attempts-1 of one unit fail inside the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: int = Field(ge=0)
+    kind: Literal["exit", "raise"] = Field("exit", description="exit: the worker process dies mid-unit (os._exit); raise: an exception")
+    attempts: int = Field(1, ge=1)
+
+
+class PatchJobConfig(BaseModel):
+    """Everything `blt-data patch` runs with. Fields marked (output) go into the job id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    docs: str = Field(description="input documents dataset: NAME or NAME@vN (output)")
+    name: str = Field(description="name of the patches dataset to create")
+    model: str | None = Field(None, description="entropy model: 'default' (shipped) or NAME[@vN]; entropy schemes default to 'default', other schemes score only when given (output)")
+    scheme: Scheme = Field("entropy", description="patch rule (output)")
+    threshold: float | None = Field(None, allow_inf_nan=False, description="nats, entropy schemes (output)")
+    target_patch_size: float | None = Field(None, gt=0, description="bytes per patch: calibrate the threshold on a sample instead (output)")
+    max_patch_length: int | None = Field(None, ge=1, description="cut longer patches (output)")
+    patch_size: int = Field(4, ge=1, description="bytes per patch for `static` (output)")
+    entropies: bool = Field(True, description="store the entropies column when the job scores (output)")
+    unit_bytes: int = Field(16 * 10**6, ge=1024, le=1 << 30, description="input bytes (JSON lines) per unit of work (output)")
+    calibration_bytes: int = Field(10**6, ge=1024, le=1 << 30, description="sample size for --target-patch-size (output)")
+    row_len: int | None = Field(None, ge=1, description="scoring row length in tokens; None: the model's max_seqlen (output)")
+    batch_rows: int = Field(8, ge=1, description="rows per scoring batch (output)")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="scoring precision; auto: bf16 on GPU, fp32 on CPU (output)")
+    workers: int = Field(2, ge=1, description="scoring actors")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; > 0 scores on CUDA")
+    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per actor; fractional so a pool never starves the rest")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per actor; None: max(1, cpus_per_worker)")
+    ray_address: str | None = Field(None, description="Ray cluster to join; None: a local Ray (either way, a Ray already initialised in this process is used as it is)")
+    local_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; None: this machine's")
+    retries: int = Field(3, ge=0, description="attempts after the first before the job fails")
+    fault: FaultInjection | None = Field(None, description="testing: inject a failure into one unit")
+
+    @model_validator(mode="after")
+    def _rule_is_complete(self) -> "PatchJobConfig":
+        check_name(self.name)
+        if self.scheme in ENTROPY_SCHEMES:
+            if (self.threshold is None) == (self.target_patch_size is None):
+                raise ValueError(f"scheme {self.scheme!r} needs exactly one of threshold (--threshold) and target_patch_size (--target-patch-size)")
+        elif self.threshold is not None or self.target_patch_size is not None:
+            raise ValueError(f"scheme {self.scheme!r} takes no threshold or target patch size")
+        return self
+
+    @property
+    def model_ref(self) -> str | None:
+        """The model actually used: None when nothing needs scoring."""
+        if self.scheme in ENTROPY_SCHEMES:
+            return self.model or DEFAULT_MODEL
+        return self.model if self.entropies else None
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_worker > 0 else "cpu"
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype == "auto":
+            return "bf16" if self.device == "cuda" else "fp32"
+        return self.dtype
+
+
+class ModelInfo(BaseModel):
+    ref: str  # "default" or NAME@vN
+    sha256: str
+
+
+@dataclass
+class PatchPlan:
+    """What a job will do, before it does anything (``--dry-run`` prints this)."""
+
+    config: PatchJobConfig
+    docs: Manifest
+    model: ModelInfo | None
+    job_id: str
+    units: list[Unit]
+    spec: UnitSpec  # patch.threshold is None until calibrated when a target is set
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "input": self.docs.ref,
+            "model": self.model.model_dump() if self.model else None,
+            "config": self.config.model_dump(mode="json"),
+            "num_units": len(self.units),
+            "bytes": sum(u.bytes for u in self.units),
+            "units": [
+                {"index": u.index, "part": u.part, "lines": [u.start, u.stop], "bytes": u.bytes} for u in self.units
+            ],
+        }
+
+
+def resolve_model(registry: Registry, ref: str) -> ModelInfo:
+    if ref == DEFAULT_MODEL:
+        from blt_model.entropy_model import WEIGHTS_FILE
+        from blt_model.entropy_registry import DEFAULT_MODEL_DIR
+
+        path = DEFAULT_MODEL_DIR / WEIGHTS_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"the shipped entropy model is missing from {DEFAULT_MODEL_DIR}")
+        return ModelInfo(ref=DEFAULT_MODEL, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    manifest = registry.resolve(ref, area="models", kind="entropy-model")
+    return ModelInfo(ref=manifest.ref, sha256=manifest.params["sha256"])
+
+
+def _job_payload(cfg: PatchJobConfig, docs: Manifest, model: ModelInfo | None) -> dict[str, Any]:
+    """Everything that decides the output, and nothing that only decides how it is computed."""
+    return {
+        "step": "patch",
+        "input": docs.id,
+        "model_sha256": model.sha256 if model else None,
+        "scheme": cfg.scheme,
+        "threshold": cfg.threshold,
+        "target_patch_size": cfg.target_patch_size,
+        "calibration_bytes": cfg.calibration_bytes if cfg.target_patch_size is not None else None,
+        "max_patch_length": cfg.max_patch_length,
+        "patch_size": cfg.patch_size if cfg.scheme == "static" else None,
+        "entropies": bool(model) and cfg.entropies,
+        "unit_bytes": cfg.unit_bytes,
+        "scoring": {"row_len": cfg.row_len, "batch_rows": cfg.batch_rows, "device": cfg.device, "dtype": cfg.resolved_dtype} if model else None,
+    }
+
+
+def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
+    """Resolve the inputs, compute the job id and list the units; writes nothing."""
+    docs = registry.resolve(cfg.docs, kind="documents")
+    model = resolve_model(registry, cfg.model_ref) if cfg.model_ref else None
+    job_id = job_hash(_job_payload(cfg, docs, model))
+    spec = UnitSpec(
+        input_dir=registry.dataset_dir(docs.name),
+        output_dir=registry.dataset_dir(cfg.name),
+        name=cfg.name,
+        job_id=job_id,
+        patch=PatchConfig(scheme=cfg.scheme, threshold=cfg.threshold, max_patch_length=cfg.max_patch_length, patch_size=cfg.patch_size),
+        keep_entropies=bool(model) and cfg.entropies,
+    )
+    units = plan_units(registry, docs, cfg.unit_bytes)
+    return PatchPlan(config=cfg, docs=docs, model=model, job_id=job_id, units=units, spec=spec)
+
+
+class PatchWorker:
+    """A Ray actor: loads the entropy model once, then patches units and scores samples.
+
+    The driver never sees documents: the worker reads its unit from the store and writes the
+    part and the completion record itself, returning only the (small) record.
+    """
+
+    def __init__(self, store_url: str, model: ModelInfo | None, cfg: PatchJobConfig):
+        self.store = Store.open(store_url)
+        self.cfg = cfg
+        self.model = None
+        if model is not None:
+            import torch
+
+            from blt_model.entropy_registry import DEFAULT_MODEL_DIR, load_entropy_model_ref
+
+            torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
+            if model.ref == DEFAULT_MODEL:  # registered models are checked against their manifest on load
+                found = hashlib.sha256((DEFAULT_MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()
+                if found != model.sha256:
+                    raise PatchJobError(f"this worker's shipped model has sha256 {found[:12]}…, the job expects {model.sha256[:12]}…")
+            self.model = load_entropy_model_ref(Registry(self.store), model.ref, device=cfg.device)
+
+    def _score(self, texts: list[str]):
+        import torch
+
+        from blt_data.entropy import score_entropies
+
+        dtype = torch.bfloat16 if self.cfg.resolved_dtype == "bf16" else torch.float32
+        return score_entropies(
+            self.model, texts, row_len=self.cfg.row_len, batch_rows=self.cfg.batch_rows,
+            device=self.cfg.device, dtype=dtype,
+        )
+
+    def score(self, texts: list[str]) -> list[np.ndarray]:
+        """float16 entropies of each text (for calibration)."""
+        return [e.astype(np.float16) for e in self._score(texts)]
+
+    def run(self, unit: Unit, spec: UnitSpec, attempt: int) -> UnitRecord:
+        score = self._score if self.model is not None else None
+        fault = self.cfg.fault
+        if fault is not None and fault.unit == unit.index and attempt < fault.attempts:
+            if fault.kind == "raise":
+                raise RuntimeError(f"injected fault in unit {unit.index}, attempt {attempt}")
+            score = _dying(score)
+        return patch_unit(self.store, unit, spec, score)
+
+
+def _dying(score):
+    """A scoring function whose process exits (a real death, no cleanup) after one document."""
+
+    def run(texts):
+        if score is not None:
+            for _ in score(texts):
+                break
+        os._exit(1)
+
+    return run
+
+
+class _Pool:
+    """The actors, replaced one by one when their process dies."""
+
+    def __init__(self, size: int, store_url: str, model: ModelInfo | None, cfg: PatchJobConfig):
+        env = {k: os.environ[k] for k in STORE_ENV_VARS if os.environ.get(k)}
+        worker = ray.remote(PatchWorker)
+        self._new = lambda: worker.options(
+            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+            runtime_env={"env_vars": env} if env else None,
+        ).remote(store_url, model, cfg)
+        self.actors = [self._new() for _ in range(size)]
+
+    def replace(self, slot: int) -> None:
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._new()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def _connect(cfg: PatchJobConfig) -> bool:
+    """Join the configured Ray; True if this call started it (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
+    else:
+        cpus = max(cfg.local_cpus or os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker))
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _error_text(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+
+
+def _calibrate(registry: Registry, plan: PatchPlan, pool: _Pool) -> Calibration:
+    """The threshold for the target patch size: stored once per job, reused by every rerun."""
+    cfg = plan.config
+    rel = f"{plan.spec.job_dir}/calibration.json"
+    if not registry.store.exists(rel):
+        texts = calibration_sample(registry.store, plan.spec.input_dir, plan.units, cfg.calibration_bytes)
+        for attempt in range(cfg.retries + 1):
+            try:
+                entropies = ray.get(pool.actors[0].score.remote(texts))
+                break
+            except ray.exceptions.RayActorError:
+                pool.replace(0)
+                if attempt == cfg.retries:
+                    raise PatchJobError("the worker scoring the calibration sample kept dying") from None
+        calibration = calibrate_threshold(entropies, cfg.target_patch_size, scheme=cfg.scheme, max_patch_length=cfg.max_patch_length)
+        registry.store.put_if_absent(rel, calibration.model_dump_json(indent=2).encode())
+    # Whoever stored it first wins: a concurrent run may have scored with other float noise.
+    return Calibration.model_validate_json(registry.store.read_bytes(rel))
+
+
+def _run_units(plan: PatchPlan, spec: UnitSpec, todo: list[Unit], pool: _Pool, bar: tqdm, records: dict[int, UnitRecord]) -> None:
+    """Keep every actor busy until each unit has a record; retry failures on another actor."""
+    cfg = plan.config
+    pending = deque(todo)
+    idle = list(range(len(pool.actors)))
+    running: dict[ray.ObjectRef, tuple[Unit, int]] = {}
+    failures: Counter[int] = Counter()
+    failed_on: dict[int, int] = {}
+    while pending or running:
+        while pending and idle:
+            unit = pending.popleft()
+            others = [s for s in idle if s != failed_on.get(unit.index)]
+            slot = (others or idle)[0]
+            idle.remove(slot)
+            running[pool.actors[slot].run.remote(unit, spec, failures[unit.index])] = (unit, slot)
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        unit, slot = running.pop(ref)
+        idle.append(slot)
+        try:
+            records[unit.index] = ray.get(ref)
+            bar.set_postfix(units=f"{len(records)}/{len(plan.units)}", refresh=False)
+            bar.update(unit.bytes)
+            continue
+        except ray.exceptions.RayActorError as e:  # the process died: a fresh actor takes the slot
+            log.warning("worker of unit %d died (%s); replacing it", unit.index, _error_text(e))
+            pool.replace(slot)
+            error: Exception = e
+        except ray.exceptions.RayError as e:
+            log.warning("unit %d failed: %s", unit.index, _error_text(e))
+            error = e
+        failures[unit.index] += 1
+        if failures[unit.index] > cfg.retries:
+            raise PatchJobError(
+                f"unit {unit.index} ({unit.part}, lines {unit.start}-{unit.stop}) failed {failures[unit.index]} "
+                f"times; last error: {_error_text(error)}"
+            )
+        failed_on[unit.index] = slot
+        pending.appendleft(unit)
+
+
+def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = False) -> Manifest:
+    """Run (or resume, or reuse) a patch job; returns the committed manifest."""
+    plan = plan_patch_job(registry, cfg)
+    existing = registry.find_job(cfg.name, plan.job_id)
+    if existing is not None:
+        log.info("%s was already made by job %s; reusing it", existing.ref, plan.job_id)
+        return existing
+    spec = plan.spec
+    records = load_records(registry.store, spec)
+    todo = [u for u in plan.units if u.index not in records]
+    calibration = None
+    needs_calibration = cfg.target_patch_size is not None
+    if todo or needs_calibration:
+        store_url = registry.store.root if registry.store.is_local else registry.store.url
+        started = _connect(cfg)
+        pool = _Pool(max(1, min(cfg.workers, len(todo))), store_url, plan.model, cfg)
+        try:
+            if needs_calibration:
+                calibration = _calibrate(registry, plan, pool)
+                spec = spec.model_copy(update={"patch": spec.patch.model_copy(update={"threshold": calibration.threshold})})
+            if records:
+                log.info("resuming job %s: %d of %d units done", plan.job_id, len(records), len(plan.units))
+            total = sum(u.bytes for u in plan.units)
+            with tqdm(
+                total=total, initial=total - sum(u.bytes for u in todo), unit="B", unit_scale=True, unit_divisor=1000,
+                desc=f"patch {cfg.name}", disable=not progress, dynamic_ncols=True,
+            ) as bar:
+                bar.set_postfix(units=f"{len(records)}/{len(plan.units)}")
+                _run_units(plan, spec, todo, pool, bar, records)
+        finally:
+            pool.close()
+            if started:
+                ray.shutdown()
+    return _commit(registry, plan, spec, records, calibration)
+
+
+def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, records: dict[int, UnitRecord], calibration: Calibration | None) -> Manifest:
+    ordered = []
+    for unit in plan.units:
+        record = records.get(unit.index)
+        if record is None or record.part.rows != unit.stop - unit.start:
+            raise PatchJobError(f"unit {unit.index} has no valid completion record; rerun the job")
+        ordered.append(record)
+    stats = sum((r.stats for r in ordered), UnitStats())  # in unit order: float sums are reproducible
+    splits = Counter()
+    for r in ordered:
+        splits[r.part.split] += r.part.rows
+    cfg = plan.config
+    params = {
+        "input": plan.docs.ref,
+        "input_id": plan.docs.id,
+        "model": plan.model.model_dump() if plan.model else None,
+        "scheme": cfg.scheme,
+        "threshold": spec.patch.threshold,
+        "target_patch_size": cfg.target_patch_size,
+        "calibration": calibration.model_dump() if calibration else None,
+        "max_patch_length": cfg.max_patch_length,
+        "patch_size": cfg.patch_size if cfg.scheme == "static" else None,
+        "entropies": spec.keep_entropies,
+        "unit_bytes": cfg.unit_bytes,
+        "num_units": len(plan.units),
+        "scoring": _job_payload(cfg, plan.docs, plan.model)["scoring"],
+    }
+    parents = [plan.docs.ref] + ([plan.model.ref] if plan.model else [])
+    manifest = Manifest(
+        name=cfg.name, kind="patches", job_id=plan.job_id, parents=parents, params=params,
+        arrow_schema=arrow_schema_summary(spec.keep_entropies),
+        parts=[r.part for r in ordered], stats=stats.dataset_stats(dict(sorted(splits.items()))),
+    )
+    return registry.commit(manifest)
+

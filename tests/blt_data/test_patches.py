@@ -1,0 +1,144 @@
+"""Patches format, units and repatch without Ray: round trips, readers other tools use, unit plans
+that cover every line once, stats that add, and verify catching what it should."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pytest
+
+from blt_data.documents import DocumentWriter, encode_line, iter_documents
+from blt_data.patch_units import UnitSpec, load_records, patch_unit, plan_units, read_unit
+from blt_data.patches import (
+    ENTROPY_BINS, UnitStats, build_table, entropies_array, part_metadata, read_part, verify_patches, write_part,
+)
+from blt_data.patching import PatchConfig, patch_lengths, patch_lengths_arrow
+from blt_data.registry import Manifest, Registry
+from blt_data.repatch import RepatchConfig, RepatchError, repatch
+from blt_data.storage import Store
+
+TEXTS = ["hello world, hello patches", "", "é😀 unicode ok", "x" * 300, "short"]
+
+
+def fake_score(texts):
+    """Deterministic stand-in for a model: entropy of byte j = (byte value % 7) / 2 nats."""
+    for t in texts:
+        yield (np.frombuffer(t.encode(), np.uint8) % 7).astype(np.float32) / 2
+
+
+def docs_dataset(reg: Registry, n: int = 40, part_bytes: int = 300) -> Manifest:
+    folder = reg.job_dir("docs", "j")
+    with DocumentWriter(reg.store, folder, "_jobs/j", target_part_bytes=part_bytes) as w:
+        for i in range(n):
+            w.write_line(encode_line({"id": f"d{i}", "text": TEXTS[i % len(TEXTS)] + f" #{i}"}))
+    text_bytes = sum(len((TEXTS[i % len(TEXTS)] + f" #{i}").encode()) for i in range(n))
+    return reg.commit(Manifest(name="docs", kind="documents", job_id="j", parts=w.parts,
+                               stats={"documents": n, "bytes": text_bytes, "splits": {"train": n}}))
+
+
+def table_of(texts, entropies=True):
+    text = pa.array(texts, pa.large_string())
+    ents = entropies_array([np.asarray(e).astype(np.float16) for e in fake_score(texts)]) if entropies else None
+    cfg = PatchConfig(scheme="entropy", threshold=1.0) if entropies else PatchConfig(scheme="space")
+    pl = patch_lengths_arrow(text, ents, cfg)
+    return build_table([f"id{i}" for i in range(len(texts))], text, pl, ents)
+
+
+@pytest.mark.parametrize("with_entropies", [True, False])
+def test_part_round_trip_and_other_readers(store_url, tmp_path, with_entropies):
+    store = Store.open(store_url)
+    table = table_of(TEXTS, with_entropies)
+    info = write_part(store, "x/part-000000.parquet", "part-000000.parquet", table, dataset="ds", job_id="job1")
+    again = write_part(store, "y/part-000000.parquet", "part-000000.parquet", table, dataset="ds", job_id="job1")
+    assert info.sha256 == again.sha256 and info.rows == len(TEXTS)  # deterministic bytes
+    back = read_part(store, "x/part-000000.parquet")
+    assert back.select(table.column_names).equals(table)
+    assert back.schema.field("patch_lengths").type == pa.list_(pa.int32())
+    assert part_metadata(store, "x/part-000000.parquet") == {
+        "blt.format": "patches", "blt.format_version": "1", "blt.dataset": "ds", "blt.job_id": "job1"}
+    if not store.is_local:
+        return
+    files = [store.path("x/part-000000.parquet"), store.path("y/part-000000.parquet")]
+    assert pds.dataset(files, format="parquet").count_rows() == 2 * len(TEXTS)
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds[0]["id"] == "id0" and sum(ds[2]["patch_lengths"]) == len(TEXTS[2].encode())
+    assert ("entropies" in ds.features) == with_entropies
+
+
+def test_unit_stats_add_like_the_whole():
+    a, b = table_of(TEXTS[:2]), table_of(TEXTS[2:])
+    whole = table_of(TEXTS)
+
+    def stats(t):
+        return UnitStats.of(t.column("patch_lengths").combine_chunks(), t.column("entropies").combine_chunks().values.to_numpy())
+
+    total = stats(a) + stats(b)
+    ref = stats(whole)
+    assert total.model_dump(exclude={"entropy_sum"}) == ref.model_dump(exclude={"entropy_sum"})
+    assert total.entropy_sum == pytest.approx(ref.entropy_sum)
+    assert len(total.entropy_histogram) == ENTROPY_BINS and sum(total.entropy_histogram) == total.bytes
+    q = total.entropy_quantiles()
+    assert 0 <= q["q01"] <= q["q50"] <= q["q99"] <= 3.5
+    assert (UnitStats() + stats(a)).documents == 2  # an empty start adds cleanly
+
+
+def test_units_cover_every_line_once_and_respect_the_size(local_store_url):
+    reg = Registry(Store.open(local_store_url))
+    docs = docs_dataset(reg)
+    units = plan_units(reg, docs, unit_bytes=120)
+    assert units == plan_units(reg, docs, unit_bytes=120)
+    assert [u.index for u in units] == list(range(len(units)))
+    seen = []
+    for u in units:
+        assert u.bytes <= 120 or u.stop - u.start == 1  # a longer single document is a unit alone
+        ids, _ = read_unit(reg.store, reg.dataset_dir("docs"), u)
+        seen += ids
+    assert seen == [d["id"] for d in iter_documents(reg, docs)]
+
+
+def test_patch_unit_writes_part_then_record_and_verify_checks_content(local_store_url):
+    reg = Registry(Store.open(local_store_url))
+    docs = docs_dataset(reg)
+    units = plan_units(reg, docs, unit_bytes=400)
+    spec = UnitSpec(input_dir=reg.dataset_dir("docs"), output_dir=reg.dataset_dir("out"), name="out", job_id="jj",
+                    patch=PatchConfig(scheme="entropy", threshold=1.2), keep_entropies=True)
+    records = [patch_unit(reg.store, u, spec, fake_score) for u in units]
+    assert load_records(reg.store, spec) == {r.unit: r for r in records}
+    table = read_part(reg.store, f"{spec.job_dir}/part-000000.parquet")
+    for text, pl, ent in zip(*(table.column(c).to_pylist() for c in ("text", "patch_lengths", "entropies"))):
+        expected_e = next(fake_score([text])).astype(np.float16)
+        assert np.array_equal(np.array(ent, np.float16), expected_e)
+        assert pl == patch_lengths(text, expected_e, spec.patch).tolist()
+
+    stats = sum((r.stats for r in records), UnitStats())
+    manifest = reg.commit(Manifest(
+        name="out", kind="patches", job_id="jj", parents=["docs@v1"], params={"input": "docs@v1"},
+        arrow_schema={"entropies": "list<item: halffloat>"}, parts=[r.part for r in records],
+        stats=stats.dataset_stats({"train": stats.documents}),
+    ))
+    assert reg.verify(manifest) == []
+
+    # A part whose patch lengths do not add up, re-hashed so only the content check can catch it.
+    bad = table.set_column(2, "patch_lengths", pa.array([[1]] * table.num_rows, pa.list_(pa.int32())))
+    info = write_part(reg.store, f"{spec.job_dir}/part-000000.parquet", records[0].part.path, bad, dataset="out", job_id="jj")
+    tampered = manifest.model_copy(update={"parts": [info, *manifest.parts[1:]]})
+    problems = verify_patches(reg, tampered)
+    assert any("patch lengths sum to" in p for p in problems)
+    # A dataset missing a unit: ids no longer equal the input's.
+    short = manifest.model_copy(update={"parts": manifest.parts[1:]})
+    assert any("ids differ from docs@v1" in p for p in verify_patches(reg, short))
+
+
+def test_repatch_refuses_what_it_cannot_use(local_store_url):
+    reg = Registry(Store.open(local_store_url))
+    docs_dataset(reg)
+    with pytest.raises(RepatchError, match="is a documents dataset"):
+        repatch(reg, RepatchConfig(patches="docs", name="r", threshold=1.0))
+    with pytest.raises(ValueError, match="exactly one of threshold and target_patch_size"):
+        RepatchConfig(patches="docs", name="r")
+    assert json.loads(RepatchConfig(patches="p", name="r", threshold=2).model_dump_json())["scheme"] == "entropy"

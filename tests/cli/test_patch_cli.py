@@ -1,0 +1,73 @@
+"""`blt-data patch` and `blt-data repatch` as users type them: on S3 through the loopback server
+(workers get the endpoint through the Ray runtime env), calibration, dry runs and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+from blt_data.registry import Registry
+from blt_data.storage import Store
+from tests.cli.test_blt_data_cli import blt
+
+
+def docs(store: str) -> None:
+    blt("download", "stdlib", "--name", "std", "--limit", "12", "--part-size", "30KB", "--store", store, "-q")
+
+
+def test_patch_on_s3_calibrated_then_repatch(s3_bucket, ray_local):
+    store = f"{s3_bucket}/reg"
+    docs(store)
+    args = ("patch", "std", "--name", "cal", "--target-patch-size", "5", "--unit-size", "16KB", "--store", store, "-q")
+    m = json.loads(blt(*args, "--json"))
+    c = m["params"]["calibration"]
+    assert c["target"] == 5 and abs(c["mean_patch_size_reached"] - 5) <= 0.02 * 5
+    assert c["sample_bytes"] > 0 and m["params"]["threshold"] == c["threshold"]
+    assert abs(m["stats"]["mean_patch_length"] - 5) <= 0.1 * 5  # the whole dataset lands near the target too
+    reg = Registry(Store.open(store))
+    assert reg.store.exists(f"datasets/cal/_jobs/{m['job_id']}/calibration.json")
+    again = blt(*args)
+    assert "cal@v1 (patches): 12 documents" in again and "calibrated for 5 bytes" in again
+
+    out = blt("repatch", "cal", "--name", "cal2", "--threshold", "3", "--store", store, "-q")
+    assert "cal2@v1 (patches): 12 documents" in out and "threshold 3 nats" in out
+    assert json.loads(blt("registry", "show", "cal2", "--json", "--store", store))["parents"] == ["cal@v1"]
+    for ref in ("cal", "cal2"):
+        assert "verified" in blt("registry", "verify", ref, "--store", store, "-q")
+
+
+def test_patch_dry_run_writes_nothing(local_store_url):
+    docs(local_store_url)
+    plan = json.loads(blt("patch", "std", "--name", "p", "--threshold", "2", "--unit-size", "16KB", "--dry-run",
+                          "cpus_per_worker=0.25", "--store", local_store_url))
+    assert plan["input"] == "std@v1" and len(plan["job_id"]) == 16 and plan["model"]["ref"] == "default"
+    assert plan["config"]["cpus_per_worker"] == 0.25 and plan["num_units"] == len(plan["units"]) == 6
+    assert Registry(Store.open(local_store_url)).names() == ["std"]
+
+
+def test_patch_and_repatch_clear_errors(local_store_url, s3_server, monkeypatch, ray_local):
+    store = local_store_url
+    docs(store)
+    out = blt("patch", "std", "--name", "p", "--store", store, code=2)
+    assert "needs exactly one of threshold (--threshold) and target_patch_size" in out
+    out = blt("patch", "std", "--name", "p", "--threshold", "2", "--model", "ghost", "--store", store, code=2)
+    assert "error: no model named 'ghost'" in out
+    out = blt("patch", "std", "--name", "p", "--scheme", "space", "--threshold", "2", "--store", store, code=2)
+    assert "takes no threshold" in out
+    out = blt("patch", "nothing", "--name", "p", "--threshold", "2", "--store", store, code=2)
+    assert "error: no dataset named 'nothing'" in out
+    out = blt("patch", "std", "--name", "p", "--threshold", "2", "wrkers=3", "--store", store, code=2)
+    assert "unknown config key 'wrkers'" in out
+
+    blt("patch", "std", "--name", "st", "--scheme", "static", "--unit-size", "64KB", "--store", store, "-q")
+    out = blt("repatch", "st", "--name", "r", "--threshold", "2", "--store", store, code=2)
+    assert "st@v1 has no stored entropies" in out and "repatch needs them" in out
+    out = blt("repatch", "std", "--name", "r", "--threshold", "2", "--store", store, code=2)
+    assert "std@v1 is a documents dataset; repatch takes a patches dataset" in out
+    out = blt("patch", "st", "--name", "p", "--threshold", "2", "--store", store, code=2)
+    assert "st@v1 is a patches dataset, expected documents" in out
+    out = blt("repatch", "st", "--name", "r", "--store", store, code=2)
+    assert "exactly one of threshold and target_patch_size" in out
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    out = blt("patch", "std", "--name", "p", "--threshold", "2", "--store", "s3://some-bucket/reg", code=2)
+    assert "cannot reach store s3://some-bucket/reg at http://127.0.0.1:9" in out

@@ -1,0 +1,160 @@
+"""The Ray patch job end to end on a real local Ray (one per test session) with the shipped model:
+layout and lineage, every scheme, repatch equivalence, a worker process killed mid-unit, a unit
+that keeps failing, and the driver killed with SIGKILL and started again.
+
+Data: the first 12 stdlib modules (99 KB) in 3 parts of 30 KB, units of 16 KB (6 units), so
+each scoring run takes a few seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.dataset as pds
+import pytest
+
+from blt_data.documents import iter_documents
+from blt_data.download import DownloadConfig, download
+from blt_data.entropy import score_document_alone
+from blt_data.patches import read_patches
+from blt_data.patching import PatchConfig, patch_lengths
+from blt_data.registry import Registry
+from blt_data.repatch import RepatchConfig, repatch
+from blt_data.storage import Store
+from blt_model.entropy_registry import load_default_entropy_model
+from pipelines.patch_job import FaultInjection, PatchJobConfig, PatchJobError, run_patch_job
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_SHA256 = "bf4326e9c435f334d19c3bd80d4661c88de9f7245f4b57fd26bd1dcc1c416827"
+
+
+def stdlib_docs(store_url: str) -> Registry:
+    reg = Registry(Store.open(store_url))
+    download(reg, DownloadConfig(source="stdlib", name="std", limit=12, part_bytes=30_000))
+    return reg
+
+
+def job(**kw) -> PatchJobConfig:
+    return PatchJobConfig(**{"docs": "std", "name": "p", "unit_bytes": 16_000, "workers": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, ray_local):
+    """An uninterrupted reference run: entropy scheme, threshold 2.5 nats."""
+    store = str(tmp_path_factory.mktemp("patch") / "store")
+    reg = stdlib_docs(store)
+    return SimpleNamespace(store=store, reg=reg, patched=run_patch_job(reg, job(threshold=2.5)))
+
+
+def test_end_to_end_layout_lineage_and_content(base):
+    reg, m = base.reg, base.patched
+    docs = reg.resolve("std")
+    assert m.ref == "p@v1" and m.kind == "patches"
+    assert m.parents == ["std@v1", "default"]
+    assert m.params["model"] == {"ref": "default", "sha256": DEFAULT_SHA256}
+    assert m.params["threshold"] == 2.5 and m.params["num_units"] == len(m.parts) == 6
+    job_dir = reg.job_dir("p", m.job_id)
+    files = reg.store.find(job_dir)
+    assert [f.rsplit("/", 1)[1] for f in files if f.endswith(".parquet")] == [f"part-{i:06d}.parquet" for i in range(6)]
+    assert len([f for f in files if "/_done/unit-" in f]) == 6
+    assert reg.verify(m) == []
+
+    table = read_patches(reg, m)
+    assert table.column("id").to_pylist() == [d["id"] for d in iter_documents(reg, docs)]
+    s = m.stats
+    assert (s.documents, s.bytes, s.quarantined) == (12, docs.stats.bytes, 0)
+    assert sum(s.patch_length_histogram) == s.patches and s.mean_patch_length == pytest.approx(s.bytes / s.patches)
+    assert set(s.entropy_quantiles) == {"q01", "q10", "q25", "q50", "q75", "q90", "q99", "mean"}
+
+    # The stored entropies are the model's (float16 of scoring the document alone), and the
+    # patch lengths are the rule applied to exactly what is stored.
+    model = load_default_entropy_model()
+    row = table.column("id").to_pylist().index("__future__")
+    text = table.column("text")[row].as_py()
+    stored = np.array(table.column("entropies")[row].as_py(), np.float16)
+    np.testing.assert_allclose(stored.astype(np.float32), score_document_alone(model, text), atol=2e-2, rtol=2e-3)
+    for text, pl, ent in zip(*(table.column(c).to_pylist() for c in ("text", "patch_lengths", "entropies"))):
+        assert pl == patch_lengths(text, np.array(ent, np.float16), PatchConfig(threshold=2.5)).tolist()
+
+    parts = [reg.store.path(reg.part_path(m, p)) for p in m.parts]
+    assert pds.dataset(parts, format="parquet").count_rows() == 12
+    assert run_patch_job(reg, job(threshold=2.5)).ref == "p@v1"  # a rerun finds the committed job
+
+
+def test_repatch_equals_patching_again(base):
+    reg = base.reg
+    repatched = repatch(reg, RepatchConfig(patches="p", name="r3", threshold=3.0))
+    again = run_patch_job(reg, job(name="p3", threshold=3.0))
+    assert repatched.parents == ["p@v1"] and repatched.params["model"]["sha256"] == DEFAULT_SHA256
+    assert read_patches(reg, repatched).equals(read_patches(reg, again))
+    assert repatched.stats == again.stats
+    assert reg.verify(repatched) == []
+
+
+@pytest.mark.parametrize("scheme,extra", [("space", {}), ("static", {"patch_size": 6, "max_patch_length": 4}), ("byte", {})])
+def test_schemes_without_a_model(base, scheme, extra):
+    reg = base.reg
+    m = run_patch_job(reg, job(name=f"s-{scheme}", scheme=scheme, **extra))
+    assert m.parents == ["std@v1"] and m.params["model"] is None and "entropies" not in m.arrow_schema
+    table = read_patches(reg, m)
+    assert "entropies" not in table.column_names
+    cfg = PatchConfig(scheme=scheme, **extra)
+    for text, pl in zip(table.column("text").to_pylist(), table.column("patch_lengths").to_pylist()):
+        assert pl == patch_lengths(text, None, cfg).tolist()
+    assert reg.verify(m) == []
+
+
+def test_worker_killed_mid_unit(base, caplog):
+    """Unit 1's first attempt kills its worker process (os._exit) after scoring one document: the
+    actor is replaced, the unit redone, and the result is what the rule gives on the stored
+    entropies (monotonic scheme, checked against a repatch of the reference run)."""
+    reg = base.reg
+    with caplog.at_level(logging.WARNING, logger="pipelines.patch_job"):
+        m = run_patch_job(reg, job(name="mono", scheme="monotonic", threshold=0.5, fault=FaultInjection(unit=1, kind="exit")))
+    assert "worker of unit 1 died" in caplog.text
+    assert reg.verify(m) == []  # ids equal the input's, none doubled, every length adds up
+    expected = repatch(reg, RepatchConfig(patches="p", name="mono-ref", scheme="monotonic", threshold=0.5))
+    assert read_patches(reg, m, ["id", "patch_lengths"]).equals(read_patches(reg, expected, ["id", "patch_lengths"]))
+
+
+def test_unit_that_keeps_failing_fails_the_job_naming_it(base):
+    reg = base.reg
+    with pytest.raises(PatchJobError, match=r"unit 2 \(.*lines .*\) failed 2 times; last error: RuntimeError: injected fault"):
+        run_patch_job(reg, job(name="doomed", scheme="byte", retries=1, fault=FaultInjection(unit=2, kind="raise", attempts=99)))
+    assert reg.versions("doomed") == []
+
+
+def test_driver_killed_then_rerun_recomputes_nothing_and_matches(base, ray_local, tmp_path):
+    store = str(tmp_path / "store")
+    reg = stdlib_docs(store)
+    cmd = [sys.executable, "-m", "cli.blt_data", "patch", "std", "--name", "p", "--threshold", "2.5",
+           "--unit-size", "16000", "--workers", "1", "--ray-address", ray_local, "--store", store, "-q"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    done_dir = Path(store) / "datasets/p/_jobs" / base.patched.job_id / "_done"
+    deadline = time.monotonic() + 120
+    while len(list(done_dir.glob("unit-*.json"))) < 2:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "no progress from the driver"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    records = sorted(done_dir.glob("unit-*.json"))
+    finished = records + [done_dir.parent / f"part-{r.stem.split('-')[1]}.parquet" for r in records]
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
+    assert 2 <= len(records) < 6
+    assert reg.versions("p") == []  # nothing committed by the killed driver
+
+    m = run_patch_job(reg, job(threshold=2.5))
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # not recomputed
+    assert m.job_id == base.patched.job_id
+    assert m.parts == base.patched.parts and m.stats == base.patched.stats
+    assert reg.verify(m) == []
