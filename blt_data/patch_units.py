@@ -77,10 +77,11 @@ def record_path(spec: UnitSpec, index: int) -> str:
     return f"{spec.job_dir}/_done/unit-{index:06d}.json"
 
 
-def plan_units(registry: Registry, docs: Manifest, unit_bytes: int) -> list[Unit]:
-    """Every unit of a documents dataset. Reads each part once (line lengths only)."""
+def plan_units(registry: Registry, docs: Manifest, unit_bytes: int, parts: list[PartInfo] | None = None) -> list[Unit]:
+    """Every unit of a documents dataset (or of some of its `parts`). Reads each part once
+    (line lengths only)."""
     units: list[Unit] = []
-    for part in docs.parts:
+    for part in docs.parts if parts is None else parts:
         start = size = 0
         line = -1
         for line, raw in enumerate(iter_lines(registry.store, registry.part_path(docs, part))):

@@ -24,6 +24,7 @@ Invariant: a part is published whole (``Store.create``); readers never see half 
 from __future__ import annotations
 
 import io
+import json
 from typing import Iterator
 
 import numpy as np
@@ -216,13 +217,19 @@ class UnitStats(BaseModel):
         )
 
 
-def input_ids(registry: Registry, manifest: Manifest) -> list[str]:
-    """Document ids of a documents or patches dataset, in manifest order."""
+def input_ids(registry: Registry, manifest: Manifest, chunks: list[int] | None = None) -> list[str]:
+    """Document ids of a documents or patches dataset (or of some chunks of a shuffled
+    documents dataset), in manifest order."""
     if manifest.kind == "patches":
         return [i for _, t in iter_tables(registry, manifest, ["id"]) for i in t.column("id").to_pylist()]
-    from blt_data.documents import iter_documents
+    from blt_data.documents import iter_lines
+    from blt_data.shuffle import chunk_parts
 
-    return [d["id"] for d in iter_documents(registry, manifest)]
+    return [
+        json.loads(line)["id"]
+        for part in chunk_parts(manifest, chunks)
+        for line in iter_lines(registry.store, registry.part_path(manifest, part))
+    ]
 
 
 def verify_patches(registry: Registry, manifest: Manifest) -> list[str]:
@@ -268,7 +275,7 @@ def verify_patches(registry: Registry, manifest: Manifest) -> list[str]:
         problems.append("patch length histogram does not match the parts")
     parent = manifest.params.get("input")
     if parent:
-        expected = input_ids(registry, registry.resolve(parent))
+        expected = input_ids(registry, registry.resolve(parent), manifest.params.get("chunks"))
         if sorted(expected) != sorted(ids):
             missing = set(expected) - set(ids)
             extra = set(ids) - set(expected)

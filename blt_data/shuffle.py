@@ -179,6 +179,19 @@ def chunk_of(part: PartInfo) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def chunk_parts(manifest: Manifest, chunks: list[int] | None) -> list[PartInfo]:
+    """Parts of a shuffled dataset: all (None), or val plus the given train chunks."""
+    if chunks is None:
+        return manifest.parts
+    present = {c for p in manifest.parts if (c := chunk_of(p)) is not None}
+    if not present:
+        raise ValueError(f"chunks={chunks}: {manifest.ref} has no train chunks (only `blt-data shuffle` output has)")
+    missing = sorted(set(chunks) - present)
+    if missing:
+        raise ValueError(f"chunks {missing} are not in {manifest.ref}, which has chunks {min(present)}..{max(present)}")
+    return [p for p in manifest.parts if p.split != "train" or chunk_of(p) in chunks]
+
+
 def _check_plan(source: Manifest, cfg: ShuffleConfig, num_docs: int) -> None:
     if cfg.val_docs > num_docs:
         raise ValueError(f"val_docs={cfg.val_docs} is more than the {num_docs} documents of {source.ref}")

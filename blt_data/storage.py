@@ -43,7 +43,7 @@ class StoreError(RuntimeError):
 
 
 def _is_transient(exc: BaseException) -> bool:
-    # botocore already retries 5xx/throttling per request (see _s3_options); this catches what
+    # botocore already retries 5xx/throttling per request (see s3_options); this catches what
     # escapes it: timeouts, dropped connections and the EREMOTEIO s3fs maps InternalError to.
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
@@ -67,7 +67,7 @@ def resolve_store_url(store: str | None) -> str:
     return store or os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
-def _s3_options(max_attempts: int = 6, connect_timeout: int = 10) -> dict[str, Any]:
+def s3_options(max_attempts: int = 6, connect_timeout: int = 10) -> dict[str, Any]:
     opts: dict[str, Any] = {
         # Adaptive mode backs off on throttling and retries 5xx with jitter (botocore's own).
         "config_kwargs": {
@@ -90,7 +90,7 @@ def filesystem_for(url: str, probe: bool = False) -> tuple[fsspec.AbstractFileSy
     """
     protocol = fsspec.utils.get_protocol(url)
     if protocol in ("s3", "s3a"):
-        opts = _s3_options(max_attempts=2, connect_timeout=3) if probe else _s3_options()
+        opts = s3_options(max_attempts=2, connect_timeout=3) if probe else s3_options()
         fs = fsspec.filesystem("s3", **opts)
         fs.retries = 1 if probe else 3  # s3fs's own retry loop, on top of botocore's
         return fs, fs._strip_protocol(url)

@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,10 @@ from blt_data.documents import iter_lines
 from blt_data.entropy import BYTE_OFFSET, document_tokens
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
 from blt_model.configs import build_config
+from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
 from blt_model.entropy_registry import register_entropy_model
+from blt_model.optim import adamw, cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -102,40 +103,6 @@ def preset_path(name_or_path: str) -> str:
 
 def build_train_entropy_config(path: str | None, overrides: list[str]) -> TrainEntropyConfig:
     return build_config(TrainEntropyConfig, preset_path(path) if path else None, overrides)
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or continue (unreadable checkpoint, no documents, ...)."""
-
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Distributed:
-    """The one place that reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK).
-
-    Several processes: NCCL on CUDA, gloo on CPU; one process: no process group at all.
-    """
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise TrainingError("device=cuda but no CUDA device is available")
-    torch_device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(torch_device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Distributed(rank, world_size, torch_device)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -243,24 +210,11 @@ def validation_rows(texts: Iterator[bytes], row_len: int, max_bytes: int) -> Row
 
 
 def learning_rate(step: int, cfg: TrainEntropyConfig) -> float:
-    """Learning rate of update `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainEntropyConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # RMSNorm weights
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # fused: one kernel for all parameters; on CPU the per-tensor ops of small models cost
-    # more than their maths.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return adamw(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
 def _autocast(device: torch.device, cfg: TrainEntropyConfig):

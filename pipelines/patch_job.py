@@ -43,6 +43,7 @@ from blt_data.patch_units import (
 from blt_data.patches import UnitStats, arrow_schema_summary
 from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, Scheme
 from blt_data.registry import Manifest, Registry, check_name, job_hash
+from blt_data.shuffle import chunk_parts
 from blt_data.storage import Store
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class PatchJobConfig(BaseModel):
     max_patch_length: int | None = Field(None, ge=1, description="cut longer patches (output)")
     patch_size: int = Field(4, ge=1, description="bytes per patch for `static` (output)")
     entropies: bool = Field(True, description="store the entropies column when the job scores (output)")
+    chunks: list[int] | None = Field(None, description="patch only these train chunks of a shuffled dataset (and all of val); None: everything (output)")
     unit_bytes: int = Field(16 * 10**6, ge=1024, le=1 << 30, description="input bytes (JSON lines) per unit of work (output)")
     calibration_bytes: int = Field(10**6, ge=1024, le=1 << 30, description="sample size for --target-patch-size (output)")
     row_len: int | None = Field(None, ge=1, description="scoring row length in tokens; None: the model's max_seqlen (output)")
@@ -179,6 +181,8 @@ def _job_payload(cfg: PatchJobConfig, docs: Manifest, model: ModelInfo | None) -
         "entropies": bool(model) and cfg.entropies,
         "unit_bytes": cfg.unit_bytes,
         "scoring": {"row_len": cfg.row_len, "batch_rows": cfg.batch_rows, "device": cfg.device, "dtype": cfg.resolved_dtype} if model else None,
+        # Only when set: job ids of whole-dataset jobs stay what they were.
+        **({"chunks": sorted(set(cfg.chunks))} if cfg.chunks is not None else {}),
     }
 
 
@@ -195,7 +199,11 @@ def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
         patch=PatchConfig(scheme=cfg.scheme, threshold=cfg.threshold, max_patch_length=cfg.max_patch_length, patch_size=cfg.patch_size),
         keep_entropies=bool(model) and cfg.entropies,
     )
-    units = plan_units(registry, docs, cfg.unit_bytes)
+    try:
+        parts = chunk_parts(docs, cfg.chunks)
+    except ValueError as e:
+        raise PatchJobError(str(e)) from None
+    units = plan_units(registry, docs, cfg.unit_bytes, parts)
     return PatchPlan(config=cfg, docs=docs, model=model, job_id=job_id, units=units, spec=spec)
 
 
@@ -417,6 +425,7 @@ def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, records: dict[i
         "patch_size": cfg.patch_size if cfg.scheme == "static" else None,
         "entropies": spec.keep_entropies,
         "unit_bytes": cfg.unit_bytes,
+        "chunks": cfg.chunks,
         "num_units": len(plan.units),
         "scoring": _job_payload(cfg, plan.docs, plan.model)["scoring"],
     }

@@ -88,7 +88,7 @@ def test_demo_runs_and_second_run_reuses(local_store_url):
     assert "stdlib@v1" in second and "stdlib-shuffled@v1" in second and "@v2" not in second
 
 
-@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"]])
+@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"], ["inspect"], ["submit"], ["jobs"], ["jobs", "logs"]])
 def test_help(command):
     out = blt(*command, "--help")
     assert "Usage" in out
@@ -102,7 +102,7 @@ def test_options_snapshot():
     options = {
         name: sorted(p.name for p in cmd.params)
         for name, cmd in group.commands.items()
-        if name != "registry"
+        if name not in ("registry", "jobs")
     }
     assert options == {
         "download": sorted(["source", "name", "split", "text_field", "id_field", "limit", "part_size", "store", "quiet", "as_json"]),
@@ -114,4 +114,13 @@ def test_options_snapshot():
                          "entropies", "ray_address", "workers", "gpus_per_worker", "unit_size", "config", "dry_run",
                          "store", "quiet", "as_json"]),
         "repatch": sorted(["patches", "name", "threshold", "target_patch_size", "scheme", "max_patch_length", "store", "quiet", "as_json"]),
+        "inspect": sorted(["ref", "out", "doc", "docs", "max_bytes", "store"]),
+        "submit": sorted(["command", "address", "follow", "store"]),
+    }
+    jobs = {name: sorted(p.name for p in cmd.params) for name, cmd in group.commands["jobs"].commands.items()}
+    assert jobs == {
+        "status": sorted(["submission_id", "address", "as_json"]),
+        "logs": sorted(["submission_id", "address", "follow"]),
+        "stop": sorted(["submission_id", "address"]),
+        "list": sorted(["address", "as_json"]),
     }

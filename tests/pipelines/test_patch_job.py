@@ -158,3 +158,20 @@ def test_driver_killed_then_rerun_recomputes_nothing_and_matches(base, ray_local
     assert m.job_id == base.patched.job_id
     assert m.parts == base.patched.parts and m.stats == base.patched.stats
     assert reg.verify(m) == []
+
+
+def test_chunks_patch_a_subset_of_a_shuffled_dataset(base):
+    from blt_data.shuffle import shuffle_documents
+
+    reg = base.reg
+    shuffled = shuffle_documents(reg, "std", "std-sh", num_chunks=3, seed=0, memory_bytes=10**6, val_docs=2)
+    m = run_patch_job(reg, job(docs="std-sh", name="sub", scheme="static", chunks=[1]))
+    by_split = {s: sum(p.rows for p in shuffled.parts_of(s) if s == "val" or "chunk-000001" in p.path) for s in ("train", "val")}
+    assert m.stats.splits == by_split and m.params["chunks"] == [1]
+    assert reg.verify(m) == []
+    whole = run_patch_job(reg, job(docs="std-sh", name="sub", scheme="static"))
+    assert whole.job_id != m.job_id and whole.stats.documents == shuffled.stats.documents
+    with pytest.raises(PatchJobError, match=r"chunks \[7\] are not in std-sh@v1, which has chunks 0..2"):
+        run_patch_job(reg, job(docs="std-sh", name="sub", scheme="static", chunks=[7]))
+    with pytest.raises(PatchJobError, match="std@v1 has no train chunks"):
+        run_patch_job(reg, job(name="sub", scheme="static", chunks=[0]))
