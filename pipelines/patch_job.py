@@ -292,8 +292,11 @@ def _connect(cfg: PatchJobConfig) -> bool:
     """Join the configured Ray; True if this call started it (and so must shut it down)."""
     if ray.is_initialized():
         return False
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
+    # Inside a Ray job (`blt-data submit`, a KubeRay RayJob) Ray names its cluster in
+    # RAY_ADDRESS: join it; resources are the cluster's, not ours to declare.
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
         cpus = max(cfg.local_cpus or os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker))
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)

@@ -242,3 +242,13 @@ def test_job_spec(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert build_job_spec(["demo"], None, {}).env_vars["BLT_STORE"] == str(tmp_path / "blt-store")
     assert build_job_spec(["demo"], None, {"BLT_STORE": "rel"}).env_vars["BLT_STORE"] == str(tmp_path / "rel")
+
+
+def test_submitted_patch_job_joins_the_cluster(ray_head, local_store_url):
+    # No --ray-address: inside a Ray job the patch job must join the job's cluster (RAY_ADDRESS).
+    blt("download", "stdlib", "--name", "few", "--limit", "6", "-q", "--store", local_store_url)
+    out = blt("submit", "--address", ray_head, "--follow", "--store", local_store_url, "--",
+              "patch", "few", "--name", "few-static", "--scheme", "static", "--workers", "1", "-q")
+    assert "SUCCEEDED" in out, out
+    m = Registry(Store.open(local_store_url)).resolve("few-static")
+    assert m.kind == "patches" and m.stats.documents == 6
