@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/blt-data demo
 
 test: $(STAMP)
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 test-gpu: $(STAMP)

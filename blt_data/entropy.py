@@ -33,8 +33,6 @@ e.g. `blt_model.entropy_model.EntropyModel`.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +40,8 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
+
+from blt_data.prefetch import in_background
 
 PAD_ID = 0  # also BLT's BOE
 BOS_ID = 1
@@ -202,46 +202,6 @@ def pack_batches(
         yield builder.take()
 
 
-_DONE = object()
-
-
-def _in_background(items: Iterator, depth: int) -> Iterator:
-    """Run `items` on a daemon thread, `depth` results ahead of the consumer."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as error:  # handed to the consumer, raised there
-            put(error)
-
-    thread = threading.Thread(target=produce, name="entropy-packer", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
 def entropies_from_hidden(
     output: torch.nn.Module, hidden: torch.Tensor, chunk_tokens: int = 4096
 ) -> torch.Tensor:
@@ -317,7 +277,7 @@ def score_entropies(
     )
     if device.type == "cuda":
         packed = map(_pin, packed)
-    batches = _in_background(packed, prefetch_batches)
+    batches = in_background(lambda: packed, prefetch_batches, "entropy-packer")
 
     # doc -> [entropies, bytes still to fill]; ordered, so documents leave in input order.
     open_docs: OrderedDict[int, list] = OrderedDict()

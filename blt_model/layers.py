@@ -156,6 +156,25 @@ def build_attention_mask(
     return mask_mod(b, None, q_idx, kv_idx)[:, None]
 
 
+def build_cross_attention_mask(
+    mask_mod: Callable, num_rows: int, q_len: int, kv_len: int, device, flex: bool | None = None
+) -> BlockMask | torch.Tensor:
+    """Visibility between two different sequences (e.g. patches and bytes) from a
+    FlexAttention-style `mask_mod`: a BlockMask (flex, default on CUDA) or a dense boolean
+    (B, 1, q_len, kv_len) SDPA mask. The caller makes sure every query sees some key."""
+    device = torch.device(device)
+    if flex is None:
+        flex = device.type == "cuda"
+    if flex:
+        return create_block_mask(
+            mask_mod, num_rows, None, q_len, kv_len, device=device, _compile=device.type == "cuda"
+        )
+    b = torch.arange(num_rows, device=device)[:, None, None]
+    q_idx = torch.arange(q_len, device=device)[None, :, None]
+    kv_idx = torch.arange(kv_len, device=device)[None, None, :]
+    return mask_mod(b, None, q_idx, kv_idx)[:, None]
+
+
 def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask) -> torch.Tensor:
     """SDPA over (B, H, S, head_dim) in blocks of W queries against their 2W reachable keys."""
     num_rows, num_heads, seq_len, head_dim = q.shape

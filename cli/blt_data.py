@@ -429,22 +429,51 @@ def import_entropy_model(
 
 @app.command()
 def demo(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="DemoConfig overrides KEY=VALUE, e.g. limit=200 'train=[steps=20]'.", show_default=False)] = None,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the pipeline on the embedded defaults: the stdlib corpus, on the local store."""
-    from pipelines.demo import run_demo
+    """The whole pipeline on the embedded defaults, in a few minutes on a CPU: the stdlib corpus →
+    shuffle → patch with the shipped entropy model on local Ray → train a small BLT → bits per
+    byte → a summary and an inspect page. A second run reuses everything already made."""
+    from blt_model.configs import ConfigError, build_config
+    from blt_model.distributed import TrainingError
+    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.patch_job import PatchJobError
 
     try:
+        cfg = build_config(DemoConfig, None, overrides or [])
         reg = open_registry(store, create=True)
-        made = run_demo(reg, progress=not quiet)
-    except EXPECTED_ERRORS as e:
+        result = run_demo(reg, cfg, progress=not quiet)
+    except (ConfigError, PatchJobError, TrainingError, *EXPECTED_ERRORS) as e:
         fail(str(e))
     typer.echo("")
     typer.echo(f"demo done: the registry at {reg.store.url} holds")
-    for m in made:
-        report(m, reg, as_json=False)
-    typer.echo("next: blt-data registry list; blt-data registry show " + made[-1].ref)
+    header = f"  {'step':<9} {'made':<28} {'what':<44} {'time':>8} {'MB/s':>7}"
+    typer.echo(header)
+    for step in result.steps:
+        m = step.manifest
+        if m.kind == "blt-checkpoint":
+            what = f"{m.params['num_params'] / 1e6:.1f}M params, {m.params['step']} steps"
+            if m.params.get("val_bpb") is not None:
+                what += f", val {m.params['val_bpb']:.3f} bpb"
+        else:
+            what = f"{m.stats.documents:,} docs, {m.stats.bytes / 1e6:.1f} MB"
+            if m.kind == "patches":
+                what += f", mean patch {m.stats.mean_patch_length:.2f} B"
+        time_s = "reused" if step.reused else f"{step.seconds:.1f}s"
+        rate = "" if step.reused or not step.input_bytes else f"{step.input_bytes / step.seconds / 1e6:.3f}"
+        typer.echo(f"  {step.name:<9} {m.ref:<28} {what:<44} {time_s:>8} {rate:>7}")
+    typer.echo("")
+    typer.echo("next:")
+    typer.echo(f"  blt-data registry list{_store_flag(store)}")
+    typer.echo(f"  open {result.inspect_page.resolve().as_uri()}   (entropies and patches, byte by byte)")
+    model = result.steps[-1].manifest.ref
+    typer.echo(f"  blt-train generate {model} --prompt 'def '{_store_flag(store)}")
+
+
+def _store_flag(store: str | None) -> str:
+    return f" --store {store}" if store else ""
 
 
 # Ray job submission. The library is imported inside each command: Ray loads only when used.

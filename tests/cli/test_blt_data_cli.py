@@ -7,6 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from blt_data.registry import Registry
+from blt_data.storage import Store
 from cli.blt_data import app
 from tests.conftest import TEST_SECRET
 
@@ -81,11 +83,22 @@ def test_store_from_environment(local_store_url, monkeypatch):
     assert "envstd@v1" in blt("registry", "list")
 
 
-def test_demo_runs_and_second_run_reuses(local_store_url):
-    first = blt("demo", "--store", local_store_url, "-q")
-    assert "stdlib@v1" in first and "stdlib-shuffled@v1" in first
-    second = blt("demo", "--store", local_store_url, "-q")
-    assert "stdlib@v1" in second and "stdlib-shuffled@v1" in second and "@v2" not in second
+def test_demo_runs_and_second_run_reuses(local_store_url, ray_local, tmp_path):
+    # The whole chain, made small: 20 stdlib modules, 2 chunks, 3 training steps of the debug BLT.
+    small = ["limit=20", "num_chunks=2", "val_docs=4", "workers=1", "train_preset=debug", "train=[steps=3]",
+             f"inspect_dir={tmp_path / 'inspect'}"]
+    first = blt("demo", *small, "--store", local_store_url, "-q")
+    for made in ("stdlib@v1", "stdlib-shuffled@v1", "stdlib-patches@v1", "blt-debug@v1"):
+        assert made in first, first
+    assert "val " in first and "bpb" in first and "mean patch" in first
+    page = tmp_path / "inspect" / "index.html"
+    assert page.exists() and page.as_uri() in first
+    reg = Registry(Store.open(local_store_url))
+    patches = reg.resolve("stdlib-patches")
+    assert patches.params["chunks"] == [0] and patches.params["model"]["ref"] == "default"
+    assert reg.resolve("blt-debug", area="models").parents == ["stdlib-patches@v1"]
+    second = blt("demo", *small, "--store", local_store_url, "-q")
+    assert second.count("reused") == 4 and "@v2" not in second
 
 
 @pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"], ["inspect"], ["submit"], ["jobs"], ["jobs", "logs"]])
@@ -107,7 +120,7 @@ def test_options_snapshot():
     assert options == {
         "download": sorted(["source", "name", "split", "text_field", "id_field", "limit", "part_size", "store", "quiet", "as_json"]),
         "shuffle": sorted(["ref", "name", "chunks", "seed", "memory", "val_docs", "store", "quiet", "as_json"]),
-        "demo": sorted(["store", "quiet"]),
+        "demo": sorted(["overrides", "store", "quiet"]),
         "train-entropy": sorted(["docs", "name", "overrides", "config", "dry_run", "store", "quiet", "as_json"]),
         "import-entropy-model": sorted(["source", "name", "store", "as_json"]),
         "patch": sorted(["docs", "name", "overrides", "model", "scheme", "threshold", "target_patch_size", "max_patch_length",

@@ -1,0 +1,147 @@
+"""BLT training checkpoints: torch DCP for model and optimizer, plus one JSON of train state.
+
+Layout, under a run folder on any store (local or s3://):
+
+    checkpoints/step-00000200/           DCP files (each rank writes its shards) + .metadata
+    checkpoints/step-00000200/train_state.json   written last, by rank 0
+
+Invariant: a checkpoint exists only once its `train_state.json` does. DCP's files land first
+(rank by rank, then DCP's `.metadata`), all ranks meet at a barrier, and only then rank 0
+writes the state file in one PUT; so a crash mid-save leaves a folder that `latest_step`
+ignores. The state file carries what is per rank and small: the step, every rank's reader
+state (gathered, so a different world size can resume: `blt_data.reader`), every rank's RNG
+state, and the run's job id, checked on load.
+
+DCP reshards on load: a checkpoint saved by N ranks loads into M ranks, or into one plain
+process for `blt-train eval` / `generate`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from blt_data.storage import Store, s3_options
+from blt_model.distributed import Distributed, TrainingError
+
+STATE_FILE = "train_state.json"
+STATE_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return f"{run_dir}/checkpoints/step-{step:08d}"
+
+
+def _storage(store: Store, rel: str, write: bool):
+    """A DCP writer/reader for `rel` on the store: plain files locally, fsspec (s3fs) otherwise,
+    with the same endpoint and retry settings as every other store call."""
+    if store.is_local:
+        path = store.path(rel)
+        return dcp.FileSystemWriter(path) if write else dcp.FileSystemReader(path)
+    url, opts = store.uri(rel), s3_options()
+    return FsspecWriter(url, **opts) if write else FsspecReader(url, **opts)
+
+
+def rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def set_rng_state(encoded: str) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8))
+
+
+def save_checkpoint(
+    store: Store,
+    run_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    env: Distributed,
+) -> str:
+    """Save on every rank (collective). `train_state` must be the same on every rank (gather
+    per-rank parts first). Returns the checkpoint folder."""
+    folder = step_dir(run_dir, step)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_storage(store, folder, write=True),
+             no_dist=not dist.is_initialized())
+    env.barrier()
+    if env.is_main:
+        state = {"version": STATE_VERSION, "step": step, **train_state}
+        store.write_bytes(f"{folder}/{STATE_FILE}", json.dumps(state, indent=1).encode())
+    env.barrier()
+    return folder
+
+
+def checkpoint_steps(store: Store, run_dir: str) -> list[int]:
+    """Steps with a complete checkpoint (their state file is there), ascending."""
+    root = f"{run_dir}/checkpoints"
+    if not store.exists(root):
+        return []
+    steps = []
+    for entry in store.list(root):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        match = _STEP_DIR.match(name)
+        if match and store.exists(f"{root}/{name}/{STATE_FILE}"):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def read_train_state(store: Store, folder: str, job_id: str | None = None) -> dict[str, Any]:
+    uri = store.uri(folder)
+    try:
+        state = json.loads(store.read_bytes(f"{folder}/{STATE_FILE}"))
+    except FileNotFoundError:
+        raise TrainingError(f"{uri} is not a complete checkpoint (no {STATE_FILE}; a save that did not finish?)") from None
+    except ValueError as e:
+        raise TrainingError(f"{uri}/{STATE_FILE} is corrupt ({e}); resume from an earlier checkpoint") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise TrainingError(f"{uri}/{STATE_FILE} is not a version-{STATE_VERSION} train state")
+    if job_id is not None and state.get("job_id") != job_id:
+        raise TrainingError(
+            f"{uri} belongs to job {state.get('job_id')}, not {job_id}: its config or dataset differs"
+        )
+    return state
+
+
+def load_checkpoint(
+    store: Store,
+    folder: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """Load model (and optimizer) weights in place, on every rank; returns the train state."""
+    state = read_train_state(store, folder, job_id)
+    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
+    target: dict[str, Any] = {"model": model_sd}
+    if optim_sd is not None:
+        target["optim"] = optim_sd
+    try:
+        dcp.load(target, storage_reader=_storage(store, folder, write=False), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:  # CheckpointException (per-rank errors) is a BaseException
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(
+            f"checkpoint {store.uri(folder)} is unreadable ({type(e).__name__}: {reason}); "
+            "resume from an earlier one or delete it"
+        ) from None
+    set_state_dict(
+        model, optimizer if optimizer is not None else [],
+        model_state_dict=target["model"], optim_state_dict=target.get("optim", {}),
+    )
+    return state
+
+
+def checkpoint_files(store: Store, folder: str) -> list[str]:
+    """Every file of a checkpoint, relative to the store root (for the registry manifest)."""
+    return sorted(store.find(folder))

@@ -1,0 +1,420 @@
+"""Training the full BLT on a patches dataset (`blt-train train`), under torchrun or alone.
+
+The sequence (lingua's, STYLE.md §5): read the torchrun environment once; build the model on
+CPU from the seed and initialise it (the same weights whatever the world size); apply
+checkpointing / compile / FSDP2 from outside (`parallelize.py`); resume from the latest
+checkpoint of this job if there is one; then loop: batch from the reader → forward/backward
+(gradient accumulation) → clip → AdamW step → metrics line; validation bits-per-byte every
+`eval_every` steps; a DCP checkpoint every `checkpoint_every` steps and at the end; finally the
+last checkpoint is registered as a `blt-checkpoint` model with lineage to its patches dataset.
+
+Job identity: the job id hashes the patches manifest id and the config's *result* fields (not
+world size, device, logging or checkpoint cadence), so a rerun of the same command resumes
+automatically, also on another number of processes. Where things go:
+
+    <store>/models/<name>/_jobs/<job-id>/checkpoints/step-NNNNNNNN/   DCP + train_state.json
+    <dump_dir>/metrics.jsonl, <dump_dir>/config.yaml                   local, rank 0
+
+Exact resume: a step's batches come from the reader state saved with the checkpoint (the state
+of the last batch stepped on, not of what was prefetched), its learning rate from the step, and
+the weights and optimizer from DCP; on CPU (fp32) a resumed run's losses equal an uninterrupted
+run's bit for bit. On another world size the gathered reader states let the new ranks read
+exactly the documents of the epoch that remain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from blt_data.reader import Batch, Reader, ReaderConfig, ReaderError, build_val_reader, empty_batch, merge_states
+from blt_data.registry import Manifest, PartInfo, Registry, job_hash
+from blt_model.blt import BLT, BLTConfig, byte_loss, load_blt_preset
+from blt_model.checkpoint import (
+    checkpoint_files,
+    checkpoint_steps,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_dir,
+)
+from blt_model.configs import build_config
+from blt_model.distributed import Distributed, TrainingError, init_distributed
+from blt_model.optim import adamw, cosine_lr
+from blt_model.parallelize import ParallelConfig, parallelize_blt
+
+log = logging.getLogger(__name__)
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets" / "train"
+# bf16 dense peak of the accelerators we know, for MFU; elsewhere MFU is not reported.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Fields that change how a run executes, not the weights it ends with: out of the job id, so
+# the same job resumes on another machine, world size or cadence.
+EXECUTION_FIELDS = {
+    "device", "max_steps_this_run", "checkpoint_every", "log_every", "eval_every", "parallel",
+    "dump_dir", "log_documents", "peak_tflops", "progress",
+}
+EXECUTION_DATA_FIELDS = {"prefetch"}
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("blt", description="registered name of the final checkpoint (models/<name>)")
+    data: ReaderConfig = Field(description="the patches dataset and how it is packed")
+    model_preset: str | None = Field(None, description="a BLT preset (debug, small, 100m) under the `model` keys")
+    model: BLTConfig = Field(default_factory=BLTConfig, description="BLT shape")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="compile, checkpointing, FSDP2")
+    steps: int = Field(1000, gt=0, description="optimizer steps in total")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays lr to lr * this")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay of matrices (not norms)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
+    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = at the end only")
+    eval_batches: int = Field(20, gt=0, description="val batches per rank per validation (from the split's start)")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at stops only")
+    log_every: int = Field(10, gt=0, description="steps between metrics lines")
+    seed: int = Field(0, description="seeds the model initialisation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
+    dump_dir: str | None = Field(None, description="local folder for metrics.jsonl and config.yaml; default runs/<name>")
+    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process")
+    log_documents: bool = Field(False, description="write the ids of the documents each rank reads to dump_dir (audits)")
+    peak_tflops: float | None = Field(None, gt=0, description="accelerator peak for MFU; default: known GPUs only")
+    progress: bool = Field(True, description="show a progress bar on rank 0")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_under_model(cls, data: Any) -> Any:
+        """`model_preset: small` fills `model`; keys given under `model` override it."""
+        if isinstance(data, dict) and data.get("model_preset"):
+            try:
+                base = load_blt_preset(data["model_preset"]).model_dump()
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"model_preset {data['model_preset']!r}: {e}") from None
+            data = {**data, "model": {**base, **(data.get("model") or {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
+        return self
+
+    def result_fields(self) -> dict:
+        out = self.model_dump(mode="json", exclude=EXECUTION_FIELDS | {"model_preset"})
+        out["data"] = {k: v for k, v in out["data"].items() if k not in EXECUTION_DATA_FIELDS}
+        return out
+
+
+def preset_path(name_or_path: str) -> str:
+    """`blt-train train debug` means blt_model/presets/train/debug.yaml; else a path or URL."""
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and not name_or_path.endswith(".yaml") and candidate.exists():
+        return str(candidate)
+    return name_or_path
+
+
+def build_train_config(path: str, overrides: list[str]) -> TrainConfig:
+    return build_config(TrainConfig, preset_path(path), overrides)
+
+
+@dataclass
+class TrainResult:
+    job_id: str
+    step: int
+    finished: bool
+    val_bpb: float | None
+    manifest: Manifest | None
+    run_dir: str
+    main_process: bool = True
+
+
+class Metrics:
+    """metrics.jsonl on rank 0; a resumed run first drops lines past the step it resumes at."""
+
+    def __init__(self, dump_dir: Path, active: bool, resume_step: int):
+        self.path = dump_dir / "metrics.jsonl"
+        self.active = active
+        if active:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if self.path.exists():
+                kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(f"{l}\n" for l in kept))
+
+    def write(self, record: dict) -> None:
+        if self.active:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def plan_job(registry: Registry, cfg: TrainConfig) -> tuple[Manifest, str]:
+    """The patches manifest and the job id; fails early on a bad reference, kind or name."""
+    data = registry.resolve(cfg.data.dataset, kind="patches")
+    registry.dataset_dir(cfg.name, area="models")  # checks the name
+    return data, job_hash({"step": "blt-train", "data": data.id, "config": cfg.result_fields()})
+
+
+def _bf16(env: Distributed, cfg: TrainConfig) -> bool:
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and env.device.type == "cuda")
+
+
+def _peak_flops(env: Distributed, cfg: TrainConfig) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if env.device.type == "cuda":
+        name = torch.cuda.get_device_name(env.device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def _forward_loss(model, batch: Batch, env: Distributed, autocast: bool) -> tuple[torch.Tensor, float, int]:
+    tokens, targets = batch["tokens"].to(env.device), batch["targets"].to(env.device)
+    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(tokens, batch["patch_lengths"].to(env.device), batch["doc_ids"].to(env.device))
+    loss, nats, count = byte_loss(logits, targets)
+    return loss, float(nats), int(count)
+
+
+def next_batch(batches, env: Distributed, data) -> tuple[Batch | None, dict | None, bool]:
+    """(batch, state, any rank has data). Ranks must run the same number of forwards (FSDP
+    gathers weights collectively), so a rank whose finite pass has ended gets an all-pad batch
+    while others still have data, and everyone stops together when all are done."""
+    try:
+        batch, state = next(batches)
+    except StopIteration:
+        batch, state = None, None
+    ranks_with_data = env.all_sum([0.0 if batch is None else 1.0])[0]
+    return batch, state, ranks_with_data > 0
+
+
+@torch.no_grad()
+def evaluate_bpb(model, registry: Registry, cfg: TrainConfig, env: Distributed, max_batches: int | None) -> float | None:
+    """Bits per byte over the `val` split, sharded over ranks (at most `max_batches` batches per
+    rank); None when the dataset has no val split."""
+    data = registry.resolve(cfg.data.dataset, kind="patches")
+    if not data.parts_of("val"):
+        return None
+    reader = build_val_reader(cfg.data, registry, env.rank, env.world_size)
+    batches = iter(reader)
+    was_training = model.training
+    model.eval()
+    nats = count = 0.0
+    autocast = _bf16(env, cfg) and env.world_size == 1
+    done = 0
+    while max_batches is None or done < max_batches:
+        batch, _, any_left = next_batch(batches, env, cfg.data)
+        if not any_left:
+            break
+        _, n, c = _forward_loss(model, batch or empty_batch(cfg.data.batch_size, cfg.data.seq_len), env, autocast)
+        nats, count, done = nats + n, count + c, done + 1
+    _close(batches)
+    nats, count = env.all_sum([nats, count])
+    model.train(was_training)
+    return nats / count / math.log(2) if count else None
+
+
+def _close(batches) -> None:
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
+def build_model(cfg: TrainConfig, env: Distributed) -> BLT:
+    torch.manual_seed(cfg.seed)
+    model = BLT(cfg.model)
+    model.init_weights()
+    model = model.to(env.device)
+    return parallelize_blt(model, env, cfg.parallel, bf16=_bf16(env, cfg))
+
+
+def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Train (or resume, or find already registered) the BLT `cfg.name` on `cfg.data.dataset`.
+
+    `resume`: a checkpoint folder (relative to the store) to start from instead of this job's
+    latest; "none" starts over even when checkpoints exist.
+    """
+    data, job_id = plan_job(registry, cfg)
+    run_dir = registry.job_dir(cfg.name, job_id, area="models")
+    done = registry.find_job(cfg.name, job_id, area="models")
+    if done is not None:
+        return TrainResult(job_id, cfg.steps, True, done.params.get("val_bpb"), done, run_dir)
+    env = init_distributed(cfg.device)
+    store = registry.store
+    dump_dir = Path(cfg.dump_dir or f"runs/{cfg.name}")
+
+    model = build_model(cfg, env)
+    optimizer = adamw(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    step, reader_state, history = 0, None, []
+    if resume != "none":
+        folder = resume
+        if folder is None:
+            steps = checkpoint_steps(store, run_dir)
+            folder = step_dir(run_dir, steps[-1]) if steps else None
+        if folder is not None:
+            state = load_checkpoint(store, folder, model, optimizer, job_id)
+            step, history = state["step"], state.get("history", [])
+            same_world = state["world_size"] == env.world_size
+            reader_state = state["reader"][env.rank] if same_world else merge_states(state["reader"])
+            if same_world:
+                set_rng_state(state["rng"][env.rank])
+            if env.is_main:
+                log.info("resumed %s from %s (step %d, %d -> %d processes)", cfg.name, store.uri(folder), step,
+                         state["world_size"], env.world_size)
+    if env.is_main:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        (dump_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    metrics = Metrics(dump_dir, env.is_main, step)
+    documents_log = (dump_dir / f"documents-rank{env.rank}.txt").open("a") if cfg.log_documents else None
+
+    reader = Reader(cfg.data, registry, env.rank, env.world_size, state=reader_state)
+    batches = iter(reader)
+    model.train()
+    autocast = _bf16(env, cfg) and env.world_size == 1  # FSDP2 casts through its policy
+    peak = _peak_flops(env, cfg)
+    stop_at = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, step + cfg.max_steps_this_run)
+    val_bpb = history[-1]["val_bpb"] if history else None
+
+    def checkpoint() -> None:
+        states = env.gather(reader_state)
+        rngs = env.gather(rng_state())
+        save_checkpoint(store, run_dir, step, model, optimizer, {
+            "job_id": job_id, "world_size": env.world_size, "reader": states, "rng": rngs,
+            "history": history, "data": data.id,
+        }, env)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"blt-train {cfg.name}", unit="step",
+               disable=not (cfg.progress and env.is_main), dynamic_ncols=True)
+    timer = time.perf_counter()
+    window = {"bytes": 0.0, "patches": 0.0, "steps": 0}
+    out_of_data = False
+    while step < stop_at:
+        lr = cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        nats = count = n_bytes = n_patches = 0.0
+        for micro in range(cfg.grad_accum):
+            batch, state, any_left = next_batch(batches, env, cfg.data)
+            if not any_left:
+                break
+            if batch is None:
+                batch = empty_batch(cfg.data.batch_size, cfg.data.seq_len)
+            else:
+                reader_state = state
+            if documents_log is not None:
+                documents_log.write("".join(f"{step}\t{d}\n" for d in batch["documents"]))
+            if env.world_size > 1:
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            loss, n, c = _forward_loss(model, batch, env, autocast)
+            (loss / cfg.grad_accum).backward()
+            nats, count = nats + n, count + c
+            n_bytes, n_patches = n_bytes + batch["n_bytes"], n_patches + batch["n_patches"]
+        if not any_left:
+            # The epochs asked for are read: the run ends here, before a step without data.
+            if env.is_main:
+                log.info("%s: end of data (epochs=%s) at step %d of %d", data.ref, cfg.data.epochs, step, cfg.steps)
+            out_of_data = True
+            break
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        step += 1
+        nats, count, n_bytes, n_patches = env.all_sum([nats, count, n_bytes, n_patches])
+        window["bytes"] += n_bytes
+        window["patches"] += n_patches
+        window["steps"] += 1
+        record = {"step": step, "loss": nats / max(count, 1), "bpb": nats / max(count, 1) / math.log(2),
+                  "lr": lr, "grad_norm": float(grad_norm)}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            val_bpb = evaluate_bpb(model, registry, cfg, env, cfg.eval_batches)
+            history.append({"step": step, "val_bpb": val_bpb})
+            record["val_bpb"] = val_bpb
+        if step % cfg.log_every == 0 or step == stop_at:
+            elapsed = time.perf_counter() - timer
+            bytes_per_s = window["bytes"] / elapsed
+            record.update(bytes_per_s=bytes_per_s, patches_per_s=window["patches"] / elapsed)
+            if peak is not None and window["bytes"]:
+                mean_patch = window["bytes"] / max(window["patches"], 1)
+                record["mfu"] = bytes_per_s * model.flops_per_byte(mean_patch, cfg.data.seq_len) / (peak * env.world_size)
+            postfix = {"loss": f"{record['loss']:.3f}", "bpb": f"{record['bpb']:.3f}", "KB/s": f"{bytes_per_s / 1e3:.1f}"}
+            if val_bpb is not None:
+                postfix["val_bpb"] = f"{val_bpb:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(step - bar.n)
+            timer, window = time.perf_counter(), {"bytes": 0.0, "patches": 0.0, "steps": 0}
+        metrics.write(record)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
+            checkpoint()
+    bar.close()
+    _close(batches)
+    if documents_log is not None:
+        documents_log.close()
+
+    if step < cfg.steps and not out_of_data:
+        checkpoint()
+        return TrainResult(job_id, step, False, val_bpb, None, run_dir, env.is_main)
+
+    val_bpb = evaluate_bpb(model, registry, cfg, env, None)
+    history.append({"step": step, "val_bpb": val_bpb})
+    metrics.write({"step": step, "val_bpb": val_bpb, "final": True})
+    checkpoint()
+    manifest = None
+    if env.is_main:
+        manifest = register_checkpoint(registry, cfg, data, job_id, step, val_bpb, history, env.world_size, model)
+    env.barrier()
+    if manifest is None:
+        manifest = registry.find_job(cfg.name, job_id, area="models")
+    return TrainResult(job_id, step, True, val_bpb, manifest, run_dir, env.is_main)
+
+
+def register_checkpoint(registry: Registry, cfg: TrainConfig, data: Manifest, job_id: str, step: int,
+                        val_bpb: float | None, history: list, world_size: int, model) -> Manifest:
+    """Commit the final checkpoint as kind `blt-checkpoint`: its files are the manifest's parts."""
+    store = registry.store
+    model_dir = registry.dataset_dir(cfg.name, area="models")
+    parts = []
+    for rel in checkpoint_files(store, step_dir(registry.job_dir(cfg.name, job_id, area="models"), step)):
+        sha, size = store.sha256(rel)
+        parts.append(PartInfo(path=rel[len(model_dir) + 1:], rows=0, bytes=size, sha256=sha, split="checkpoint"))
+    params = {
+        "config": cfg.result_fields(),
+        "data": data.id,
+        "step": step,
+        "val_bpb": val_bpb,
+        "val_history": history,
+        "world_size": world_size,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "model": cfg.model.model_dump(mode="json"),
+        "checkpoint": f"_jobs/{job_id}/checkpoints/step-{step:08d}",
+    }
+    manifest = Manifest(name=cfg.name, kind="blt-checkpoint", job_id=job_id, parents=[data.ref], params=params, parts=parts)
+    return registry.commit(manifest)
+
+
+def load_trained_blt(registry: Registry, ref: str, device: str | torch.device = "cpu") -> tuple[BLT, Manifest]:
+    """A registered `blt-checkpoint` as a plain BLT in one process (DCP reshards the save)."""
+    manifest = registry.resolve(ref, area="models", kind="blt-checkpoint")
+    model = BLT(BLTConfig.model_validate(manifest.params["model"]))
+    folder = f"{registry.dataset_dir(manifest.name, area='models')}/{manifest.params['checkpoint']}"
+    load_checkpoint(registry.store, folder, model, None)
+    return model.to(device).eval(), manifest
