@@ -15,7 +15,7 @@ Rows:
   study     (--study) two patches datasets of the same documents and the same mean patch size
             (e.g. entropy vs static): the same BLT trained for the same steps on each (same bytes,
             so the same FLOPs), then val bits per byte of each.
-Writes bench/results/train.json.
+Writes bench/results/train.json (train-study.json for --study).
 """
 
 from __future__ import annotations
@@ -185,16 +185,17 @@ def main() -> None:
             texts = stdlib_texts(int(corpus_mb * 1e6))
             patches_dataset(reg, texts, args.patch_size)
             trainer = measure_trainer(args, reg, "bench")
-            needed = max(20, math.ceil(trainer["bytes_per_s"] * 20 * 5 / (args.seq_len * args.batch_size)))
+            needed = max(300, math.ceil(trainer["bytes_per_s"] * 20 * 5 / (args.seq_len * args.batch_size)))
             reader = measure_reader(reg, "bench", args.seq_len, args.batch_size, needed)
         results.update(trainer=trainer, reader=reader, reader_over_trainer=reader["bytes_per_s"] / trainer["bytes_per_s"])
         print(f"{'what':<10} {'KB/s':>10} {'ratio':>8} {'MFU':>6} {'peak GB':>8}  notes")
-        print(f"{'trainer':<10} {trainer['bytes_per_s'] / 1e3:>10.1f} {'':>8} "
-              f"{trainer.get('mfu', float('nan')):>6.1%} {trainer.get('peak_memory_gb', float('nan')):>8.1f}  "
+        mfu = f"{trainer['mfu']:.1%}" if "mfu" in trainer else "-"
+        memory = f"{trainer['peak_memory_gb']:.1f}" if "peak_memory_gb" in trainer else "-"
+        print(f"{'trainer':<10} {trainer['bytes_per_s'] / 1e3:>10.1f} {'':>8} {mfu:>6} {memory:>8}  "
               f"{args.preset}: {trainer['params'] / 1e6:.1f}M params, mean patch {trainer['mean_patch']:.2f} B, "
               f"{trainer['flops_per_byte'] / 1e6:.0f} MFLOP/byte")
         print(f"{'reader':<10} {reader['bytes_per_s'] / 1e3:>10.1f} {results['reader_over_trainer']:>8.1f}x")
-    out = REPO / "bench" / "results" / "train.json"
+    out = REPO / "bench" / "results" / ("train-study.json" if args.study else "train.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

@@ -22,6 +22,14 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot make a valid config."""
 
 
+def preset_file(preset_dir: Path, name_or_path: str) -> str:
+    """A preset name (`debug`) means `<preset_dir>/debug.yaml`; anything else is a path or URL."""
+    candidate = preset_dir / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and not name_or_path.endswith(".yaml") and candidate.exists():
+        return str(candidate)
+    return name_or_path
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         with fsspec.open(str(path), "r") as f:

@@ -34,10 +34,10 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.reader import Batch, Reader, ReaderConfig, ReaderError, build_val_reader, empty_batch, merge_states
+from blt_data.reader import Batch, Reader, ReaderConfig, build_val_reader, empty_batch, merge_states
 from blt_data.registry import Manifest, PartInfo, Registry, job_hash
 from blt_model.blt import BLT, BLTConfig, byte_loss, load_blt_preset
 from blt_model.checkpoint import (
@@ -49,9 +49,9 @@ from blt_model.checkpoint import (
     set_rng_state,
     step_dir,
 )
-from blt_model.configs import build_config
-from blt_model.distributed import Distributed, TrainingError, init_distributed
-from blt_model.optim import adamw, cosine_lr
+from blt_model.configs import build_config, preset_file
+from blt_model.distributed import Distributed, TrainingError, init_distributed  # noqa: F401  (TrainingError: re-exported)
+from blt_model.optim import OptimFields
 from blt_model.parallelize import ParallelConfig, parallelize_blt
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ EXECUTION_FIELDS = {
 EXECUTION_DATA_FIELDS = {"prefetch"}
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(OptimFields):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("blt", description="registered name of the final checkpoint (models/<name>)")
@@ -76,15 +76,7 @@ class TrainConfig(BaseModel):
     model_preset: str | None = Field(None, description="a BLT preset (debug, small, 100m) under the `model` keys")
     model: BLTConfig = Field(default_factory=BLTConfig, description="BLT shape")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="compile, checkpointing, FSDP2")
-    steps: int = Field(1000, gt=0, description="optimizer steps in total")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays lr to lr * this")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decay of matrices (not norms)")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
-    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
-    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
     eval_every: int = Field(0, ge=0, description="steps between validations; 0 = at the end only")
     eval_batches: int = Field(20, gt=0, description="val batches per rank per validation (from the split's start)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at stops only")
@@ -110,12 +102,6 @@ class TrainConfig(BaseModel):
             data = {**data, "model": {**base, **(data.get("model") or {})}}
         return data
 
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
-        return self
-
     def result_fields(self) -> dict:
         out = self.model_dump(mode="json", exclude=EXECUTION_FIELDS | {"model_preset"})
         out["data"] = {k: v for k, v in out["data"].items() if k not in EXECUTION_DATA_FIELDS}
@@ -124,10 +110,7 @@ class TrainConfig(BaseModel):
 
 def preset_path(name_or_path: str) -> str:
     """`blt-train train debug` means blt_model/presets/train/debug.yaml; else a path or URL."""
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and not name_or_path.endswith(".yaml") and candidate.exists():
-        return str(candidate)
-    return name_or_path
+    return preset_file(PRESET_DIR, name_or_path)
 
 
 def build_train_config(path: str, overrides: list[str]) -> TrainConfig:
@@ -262,7 +245,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     dump_dir = Path(cfg.dump_dir or f"runs/{cfg.name}")
 
     model = build_model(cfg, env)
-    optimizer = adamw(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer = cfg.optimizer(model)
     step, reader_state, history = 0, None, []
     if resume != "none":
         folder = resume
@@ -307,7 +290,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     window = {"bytes": 0.0, "patches": 0.0, "steps": 0}
     out_of_data = False
     while step < stop_at:
-        lr = cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+        lr = cfg.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)

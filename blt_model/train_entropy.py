@@ -37,17 +37,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from tqdm import tqdm
 
 from blt_data.documents import iter_lines
 from blt_data.entropy import BYTE_OFFSET, document_tokens
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
-from blt_model.configs import build_config
+from blt_model.configs import build_config, preset_file
 from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
 from blt_model.entropy_registry import register_entropy_model
-from blt_model.optim import adamw, cosine_lr
+from blt_model.optim import OptimFields
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +59,12 @@ IGNORE = -1  # target of pad tokens (validation rows only)
 EXECUTION_FIELDS = {"device", "max_steps_this_run", "checkpoint_every", "log_every", "eval_every"}
 
 
-class TrainEntropyConfig(BaseModel):
+class TrainEntropyConfig(OptimFields):
     model_config = ConfigDict(extra="forbid")
 
     model: EntropyModelConfig = Field(default_factory=EntropyModelConfig, description="model shape")
-    steps: int = Field(1000, gt=0, description="optimizer steps in total")
     batch_rows: int = Field(8, gt=0, description="rows per step on each rank")
     row_len: int = Field(2048, ge=2, description="tokens per training row")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays lr to lr * this")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decay of matrices (not norms)")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
-    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
-    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
     eval_every: int = Field(200, ge=0, description="steps between val evaluations; 0 = at the end only")
     eval_bytes: int = Field(1_000_000, gt=0, description="val bytes per evaluation (first of the split)")
     holdout_docs: int = Field(200, gt=0, description="train docs held out as val when there is no val split")
@@ -83,22 +75,13 @@ class TrainEntropyConfig(BaseModel):
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
     max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process")
 
-    @model_validator(mode="after")
-    def _check(self) -> "TrainEntropyConfig":
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
-        return self
-
     def result_fields(self) -> dict:
         return self.model_dump(mode="json", exclude=EXECUTION_FIELDS)
 
 
 def preset_path(name_or_path: str) -> str:
     """`--config debug` means blt_model/presets/entropy/debug.yaml; anything else is a path or URL."""
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and not name_or_path.endswith(".yaml") and candidate.exists():
-        return str(candidate)
-    return name_or_path
+    return preset_file(PRESET_DIR, name_or_path)
 
 
 def build_train_entropy_config(path: str | None, overrides: list[str]) -> TrainEntropyConfig:
@@ -210,11 +193,7 @@ def validation_rows(texts: Iterator[bytes], row_len: int, max_bytes: int) -> Row
 
 
 def learning_rate(step: int, cfg: TrainEntropyConfig) -> float:
-    return cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainEntropyConfig) -> torch.optim.AdamW:
-    return adamw(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return cfg.lr_at(step)
 
 
 def _autocast(device: torch.device, cfg: TrainEntropyConfig):
@@ -327,7 +306,7 @@ def train_entropy(
 
     torch.manual_seed(cfg.seed)
     model = EntropyModel(cfg.model).to(env.device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = cfg.optimizer(model)
     step, cursor, history = 0, None, []
     state = load_checkpoint(registry, checkpoint_path, job_id)
     if state is not None:

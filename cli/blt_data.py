@@ -385,15 +385,20 @@ def train_entropy(
         result = run_training(reg, docs, name, cfg, progress=not quiet)
     except (ConfigError, TrainingError, *EXPECTED_ERRORS) as e:
         fail(str(e))
+    report_training(result, cfg.steps, as_json, describe_model)
+
+
+def report_training(result, steps: int, as_json: bool, describe_manifest) -> None:
+    """The end of a training command (entropy model or BLT); other torchrun ranks say nothing."""
     if not result.main_process:
         return
     if result.manifest is None:
-        typer.echo(f"stopped at step {result.step}/{cfg.steps} (job {result.job_id}); run the same command again to resume")
+        typer.echo(f"stopped at step {result.step}/{steps} (job {result.job_id}); run the same command again to resume")
         return
     if as_json:
         typer.echo(result.manifest.model_dump_json(indent=2))
         return
-    describe_model(result.manifest)
+    describe_manifest(result.manifest)
 
 
 def describe_model(m: Manifest) -> None:

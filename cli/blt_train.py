@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.blt_data import EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, fail, open_registry
+from cli.blt_data import EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, fail, open_registry, report_training
 
 app = typer.Typer(
     help="Train the Byte Latent Transformer on precomputed patches datasets (torchrun, FSDP2).",
@@ -69,15 +69,10 @@ def train(
         result = run_training(reg, cfg, resume=resume)
     except (ConfigError, TrainingError, ReaderError, *EXPECTED_ERRORS) as e:
         fail(str(e))
-    if not result.main_process:
-        return
-    if result.manifest is None:
-        typer.echo(f"stopped at step {result.step}/{cfg.steps} (job {result.job_id}); run the same command again to resume")
-        return
-    if as_json:
-        typer.echo(result.manifest.model_dump_json(indent=2))
-        return
-    m = result.manifest
+    report_training(result, cfg.steps, as_json, describe_checkpoint)
+
+
+def describe_checkpoint(m) -> None:
     bpb = f", val {m.params['val_bpb']:.3f} bits/byte" if m.params.get("val_bpb") is not None else ""
     typer.echo(f"{m.ref} (blt-checkpoint): {m.params['num_params']:,} parameters, step {m.params['step']}{bpb}")
     typer.echo(f"  parents   {', '.join(m.parents)}")
