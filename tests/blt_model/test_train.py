@@ -155,3 +155,14 @@ def test_eval_generate_and_refusals(data, tmp_path):
     reg.store.write_bytes(shard, b"not a checkpoint")
     out = blt_train("eval", "one", "--store", store, code=2)
     assert "unreadable" in out or "sha256" in out
+
+
+def test_activation_checkpointing_changes_nothing_and_accumulation_runs(data, tmp_path):
+    store, _ = data
+    base = [*TRAIN, "steps=3", "warmup_steps=1", "--store", store]
+    blt_train("train", *base, "name=plain", f"dump_dir={tmp_path / 'plain'}")
+    blt_train("train", *base, "name=ckpt", "parallel.activation_checkpointing=true", f"dump_dir={tmp_path / 'ckpt'}")
+    losses = lambda run: [m["loss"] for m in metrics(tmp_path / run) if "loss" in m]  # noqa: E731
+    assert losses("ckpt") == losses("plain") and len(losses("plain")) == 3
+    out = blt_train("train", *base, "name=accum", "grad_accum=2", f"dump_dir={tmp_path / 'accum'}")
+    assert "accum@v1" in out and len(losses("accum")) == 3
