@@ -269,6 +269,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     documents_log = (dump_dir / f"documents-rank{env.rank}.txt").open("a") if cfg.log_documents else None
 
     reader = Reader(cfg.data, registry, env.rank, env.world_size, state=reader_state)
+    reader_state = reader.start_state  # what a checkpoint saves for a rank that has no batch yet
     batches = iter(reader)
     model.train()
     autocast = _bf16(env, cfg) and env.world_size == 1  # FSDP2 casts through its policy
