@@ -166,3 +166,12 @@ def test_activation_checkpointing_changes_nothing_and_accumulation_runs(data, tm
     assert losses("ckpt") == losses("plain") and len(losses("plain")) == 3
     out = blt_train("train", *base, "name=accum", "grad_accum=2", f"dump_dir={tmp_path / 'accum'}")
     assert "accum@v1" in out and len(losses("accum")) == 3
+
+
+def test_compiled_blocks_train_like_eager(data, tmp_path):
+    store, _ = data
+    base = [*TRAIN, "steps=2", "warmup_steps=1", "--store", store]
+    blt_train("train", *base, "name=eager", f"dump_dir={tmp_path / 'eager'}")
+    blt_train("train", *base, "name=compiled", "parallel.compile=true", f"dump_dir={tmp_path / 'compiled'}")
+    losses = lambda run: [m["loss"] for m in metrics(tmp_path / run) if "loss" in m]  # noqa: E731
+    assert losses("compiled") == pytest.approx(losses("eager"), abs=1e-4) and len(losses("eager")) == 2
