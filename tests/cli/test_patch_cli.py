@@ -71,3 +71,25 @@ def test_patch_and_repatch_clear_errors(local_store_url, s3_server, monkeypatch,
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     out = blt("patch", "std", "--name", "p", "--threshold", "2", "--store", "s3://some-bucket/reg", code=2)
     assert "cannot reach store s3://some-bucket/reg at http://127.0.0.1:9" in out
+
+
+def test_unreachable_ray_address_fails_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    store = str(tmp_path / "store")
+    blt("download", "stdlib", "--name", "few", "--limit", "2", "-q", "--store", store)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.blt_data", "patch", "few", "--name", "p", "--scheme", "static",
+         "--ray-address", f"127.0.0.1:{port}", "--store", store],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"cannot reach Ray at 127.0.0.1:{port}" in proc.stderr
+    assert time.monotonic() - started < 60
