@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import subprocess
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -287,3 +288,58 @@ def job_hash(payload: dict[str, Any]) -> str:
     """Job id: a hash of a step's inputs and parameters (stable JSON)."""
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """Job files that no manifest references (`registry gc`)."""
+
+    job_dir: str  # relative to the store root
+    files: tuple[str, ...]
+    bytes: int
+    reason: str
+    whole_job: bool  # every file of the job folder is garbage
+
+
+def find_garbage(registry: Registry, older_than_s: float, now: float) -> list[Garbage]:
+    """Job files no committed manifest references, per job folder.
+
+    A committed job's leftovers (completion records, shuffle runs, earlier checkpoints) go at
+    once: a rerun of that job finds its manifest and never reads them. A job without a
+    manifest may be running (a training run writes a checkpoint every few hours), so its
+    folder goes only when nothing in it changed for `older_than_s` seconds.
+    """
+    out = []
+    for area in ("datasets", "models"):
+        for name in registry.names(area):
+            base = registry.dataset_dir(name, area)
+            manifests = [registry.load(name, v, area) for v in registry.versions(name, area)]
+            referenced = {f"{base}/{p.path}" for m in manifests for p in (*m.parts, *m.quarantine)}
+            committed = {m.job_id for m in manifests}
+            jobs: dict[str, list[tuple[str, int, float]]] = {}
+            for path, size, modified in registry.store.find_detail(f"{base}/_jobs"):
+                job = path[len(base) + len("/_jobs/"):].split("/", 1)[0]
+                jobs.setdefault(job, []).append((path, size, modified))
+            for job, entries in sorted(jobs.items()):
+                loose = [(p, n) for p, n, _ in entries if p not in referenced]
+                if not loose:
+                    continue
+                if job in committed:
+                    reason = f"left over by job {job}, committed in {name}"
+                else:
+                    idle = now - max(m for _, _, m in entries)
+                    if idle < older_than_s:
+                        continue
+                    reason = f"job {job} of {name} has no manifest and wrote nothing for {idle / 3600:.1f} h"
+                out.append(Garbage(f"{base}/_jobs/{job}", tuple(p for p, _ in loose), sum(n for _, n in loose),
+                                   reason, len(loose) == len(entries)))
+    return out
+
+
+def delete_garbage(registry: Registry, garbage: list[Garbage]) -> None:
+    for g in garbage:
+        if g.whole_job:
+            registry.store.delete(g.job_dir, recursive=True)
+        else:
+            for path in g.files:
+                registry.store.delete(path)

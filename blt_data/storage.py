@@ -178,6 +178,24 @@ class Store:
             return []
 
     @transient_retry
+    def find_detail(self, rel: str = "") -> list[tuple[str, int, float]]:
+        """(path, bytes, modified as Unix seconds) of every published file below `rel`."""
+        try:
+            found = self.fs.find(self.path(rel), detail=True)
+        except FileNotFoundError:
+            return []
+        out = []
+        for full, info in found.items():
+            name = self._rel(full)
+            if _is_temp(name) or info.get("type") == "directory":
+                continue
+            modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+            if hasattr(modified, "timestamp"):
+                modified = modified.timestamp()
+            out.append((name, int(info.get("size") or 0), float(modified or 0)))
+        return sorted(out)
+
+    @transient_retry
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 

@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-registry_app = typer.Typer(help="List, show and verify what the registry holds.", no_args_is_help=True)
+registry_app = typer.Typer(help="List, show, verify and garbage-collect what the registry holds.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 
 StoreOpt = Annotated[
@@ -333,6 +333,57 @@ def registry_show(
     for p in m.quarantine:
         typer.echo(f"  quarantine {p.path}  {p.rows:,} lines")
     typer.echo("  stats     " + m.stats.model_dump_json(exclude_defaults=True))
+
+
+@registry_app.command("gc")
+def registry_gc(
+    older_than: Annotated[str, typer.Option("--older-than", help="Spare jobs without a manifest that wrote something this recently (they may be running): 30m, 12h, 7d.")] = "7d",
+    delete: Annotated[bool, typer.Option("--delete", help="Delete what is listed. Without it, only list.")] = False,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Job files that no manifest references: leftovers of committed jobs, abandoned jobs."""
+    import time
+
+    from blt_data.registry import delete_garbage, find_garbage
+
+    try:
+        seconds = parse_duration(older_than, "--older-than")
+        reg = open_registry(store)
+        garbage = find_garbage(reg, seconds, time.time())
+        if delete:
+            delete_garbage(reg, garbage)
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps([{"job_dir": g.job_dir, "files": list(g.files), "bytes": g.bytes, "reason": g.reason}
+                               for g in garbage], indent=2))
+        return
+    for g in garbage:
+        what = "the whole folder" if g.whole_job else f"{len(g.files)} files"
+        typer.echo(f"  {g.job_dir}: {what}, {g.bytes / 1e6:,.1f} MB ({g.reason})")
+    total = sum(g.bytes for g in garbage)
+    files = sum(len(g.files) for g in garbage)
+    if not garbage:
+        typer.echo(f"nothing to collect in {reg.store.url}")
+    elif delete:
+        typer.echo(f"deleted {files:,} files, {total / 1e6:,.1f} MB")
+    else:
+        typer.echo(f"{files:,} files, {total / 1e6:,.1f} MB to collect; run again with --delete to delete them")
+
+
+def parse_duration(text: str, option: str) -> float:
+    """``30m``, ``12h``, ``7d``, or a plain number of seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        fail(f"{option}: cannot read {text!r} as a duration (examples: 30m, 12h, 7d)")
+    if value < 0:
+        fail(f"{option}: a duration cannot be negative")
+    return value * units[unit]
 
 
 @registry_app.command("verify")

@@ -101,7 +101,7 @@ def test_demo_runs_and_second_run_reuses(local_store_url, ray_local, tmp_path):
     assert second.count("reused") == 4 and "@v2" not in second
 
 
-@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"], ["inspect"], ["submit"], ["jobs"], ["jobs", "logs"]])
+@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["registry", "gc"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"], ["inspect"], ["submit"], ["jobs"], ["jobs", "logs"]])
 def test_help(command):
     out = blt(*command, "--help")
     assert "Usage" in out
@@ -137,3 +137,31 @@ def test_options_snapshot():
         "stop": sorted(["submission_id", "address"]),
         "list": sorted(["address", "as_json"]),
     }
+
+
+def test_registry_gc_collects_only_what_no_manifest_needs(store_url):
+    blt("download", "stdlib", "--name", "g", "--limit", "12", "--part-size", "40KB", "-q", "--store", store_url)
+    blt("shuffle", "g", "--name", "gs", "--chunks", "2", "--val-docs", "2", "-q", "--store", store_url)
+    reg = Registry(Store.open(store_url))
+    kept = {m.ref: [reg.part_path(m, p) for p in m.parts] for m in reg.list()}
+    # An abandoned job (no manifest) and one still running: the same, but written just now.
+    reg.store.write_bytes("datasets/g/_jobs/deadbeefdeadbeef/part-000000.jsonl.zst", b"x" * 1000)
+
+    out = blt("registry", "gc", "--older-than", "0", "--json", "--store", store_url)
+    listed = {g["job_dir"]: g for g in json.loads(out)}
+    assert "datasets/g/_jobs/deadbeefdeadbeef" in listed
+    loose = [f for g in listed.values() for f in g["files"]]
+    assert loose and not set(loose) & {p for parts in kept.values() for p in parts}
+    assert "left over by job" in blt("registry", "gc", "--older-than", "0", "--store", store_url)
+    # A job that wrote something within the grace period may be running: spared.
+    assert "deadbeefdeadbeef" not in blt("registry", "gc", "--older-than", "1h", "--store", store_url)
+
+    assert "deleted" in blt("registry", "gc", "--older-than", "0", "--delete", "--store", store_url)
+    assert not reg.store.exists("datasets/g/_jobs/deadbeefdeadbeef/part-000000.jsonl.zst")
+    for ref in kept:
+        assert "verified" in blt("registry", "verify", ref, "--store", store_url)
+    assert "nothing to collect" in blt("registry", "gc", "--older-than", "0", "--store", store_url)
+    # The same jobs run again find their manifests: nothing is redone or lost.
+    again = blt("shuffle", "g", "--name", "gs", "--chunks", "2", "--val-docs", "2", "--store", store_url)
+    assert "gs@v1" in again and "@v2" not in again
+    assert "--older-than: cannot read 'soon'" in blt("registry", "gc", "--older-than", "soon", "--store", store_url, code=2)
