@@ -21,6 +21,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -52,6 +54,15 @@ def _storage(store: Store, rel: str, write: bool):
     return FsspecWriter(url, **opts) if write else FsspecReader(url, **opts)
 
 
+@contextmanager
+def _single_process_is_fine():
+    """DCP warns on every save and load without a process group; one process is a normal case
+    here (blt-train without torchrun, eval, generate)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def rng_state() -> str:
     return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
 
@@ -73,8 +84,9 @@ def save_checkpoint(
     per-rank parts first). Returns the checkpoint folder."""
     folder = step_dir(run_dir, step)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_storage(store, folder, write=True),
-             no_dist=not dist.is_initialized())
+    with _single_process_is_fine():
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_storage(store, folder, write=True),
+                 no_dist=not dist.is_initialized())
     env.barrier()
     if env.is_main:
         state = {"version": STATE_VERSION, "step": step, **train_state}
@@ -128,7 +140,8 @@ def load_checkpoint(
     if optim_sd is not None:
         target["optim"] = optim_sd
     try:
-        dcp.load(target, storage_reader=_storage(store, folder, write=False), no_dist=not dist.is_initialized())
+        with _single_process_is_fine():
+            dcp.load(target, storage_reader=_storage(store, folder, write=False), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:  # CheckpointException (per-rank errors) is a BaseException
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise TrainingError(
