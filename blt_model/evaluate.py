@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from blt_data.reader import Reader, ReaderConfig
 from blt_data.registry import Registry
-from blt_model.blt import byte_loss
-from blt_model.train import load_trained_blt
+from blt_model.distributed import Distributed
+from blt_model.train import load_trained_blt, reader_bpb
 
 
 @torch.no_grad()
@@ -21,18 +19,10 @@ def evaluate_checkpoint(
     trained = ReaderConfig.model_validate(manifest.params["config"]["data"])
     data = data_ref or manifest.parents[0]
     cfg = trained.model_copy(update={"dataset": data, "split": split, "epochs": 1})
-    batches = iter(Reader(cfg, registry, 0, 1))
-    nats = count = 0.0
-    for i, (batch, _) in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        logits = model(batch["tokens"], batch["patch_lengths"], batch["doc_ids"])
-        _, n, c = byte_loss(logits, batch["targets"])
-        nats, count = nats + float(n), count + int(c)
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()
+    env = Distributed(0, 1, torch.device("cpu"))
+    reader = Reader(cfg, registry, 0, 1)
+    bpb, count = reader_bpb(model, reader, env, autocast=False, max_batches=max_batches)
     return {
         "model": manifest.ref, "data": registry.resolve(data, kind="patches").ref, "split": split,
-        "bpb": nats / count / math.log(2) if count else float("nan"), "bytes": int(count),
+        "bpb": float("nan") if bpb is None else bpb, "bytes": count,
     }

@@ -15,15 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blt_data.entropy import BYTE_OFFSET, score_document_alone
-from blt_data.patching import PatchConfig, patch_lengths
+from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
+from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, patch_lengths
 from blt_data.registry import Registry
 from blt_model.distributed import TrainingError
 from blt_model.entropy_registry import load_entropy_model_ref
 from blt_model.train import load_trained_blt
-
-BOS, EOS = 1, 2
-
 
 def patching_of(registry: Registry, data_ref: str):
     """(entropy model or None, PatchConfig) that made a patches dataset."""
@@ -33,7 +30,7 @@ def patching_of(registry: Registry, data_ref: str):
         max_patch_length=params.get("max_patch_length"), patch_size=params.get("patch_size") or 4,
     )
     model = None
-    if cfg.scheme in ("entropy", "monotonic"):
+    if cfg.scheme in ENTROPY_SCHEMES:
         info = params.get("model") or {}
         if not info.get("ref"):
             raise TrainingError(f"{data_ref} records no entropy model; cannot patch on the fly")
@@ -58,7 +55,7 @@ def generate_text(
     text = bytearray(prompt.encode("utf-8"))
     start = len(text)
     for _ in range(max_bytes):
-        tokens = torch.tensor([BOS, *(b + BYTE_OFFSET for b in text)])[None]
+        tokens = torch.tensor([BOS_ID, *(b + BYTE_OFFSET for b in text)])[None]
         lengths = torch.from_numpy(row_patch_lengths(bytes(text), entropy_model, patch_cfg))[None]
         logits = model(tokens, lengths, torch.zeros_like(tokens))[0, -1].float()
         logits[:BYTE_OFFSET] = -float("inf")  # bytes only: stop at max_bytes, never on EOS/pad

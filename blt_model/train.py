@@ -177,7 +177,7 @@ def _forward_loss(model, batch: Batch, env: Distributed, autocast: bool) -> tupl
     return loss, float(nats), int(count)
 
 
-def next_batch(batches, env: Distributed, data) -> tuple[Batch | None, dict | None, bool]:
+def next_batch(batches, env: Distributed) -> tuple[Batch | None, dict | None, bool]:
     """(batch, state, any rank has data). Ranks must run the same number of forwards (FSDP
     gathers weights collectively), so a rank whose finite pass has ended gets an all-pad batch
     while others still have data, and everyone stops together when all are done."""
@@ -190,29 +190,32 @@ def next_batch(batches, env: Distributed, data) -> tuple[Batch | None, dict | No
 
 
 @torch.no_grad()
-def evaluate_bpb(model, registry: Registry, cfg: TrainConfig, env: Distributed, max_batches: int | None) -> float | None:
-    """Bits per byte over the `val` split, sharded over ranks (at most `max_batches` batches per
-    rank); None when the dataset has no val split."""
-    data = registry.resolve(cfg.data.dataset, kind="patches")
-    if not data.parts_of("val"):
-        return None
-    reader = build_val_reader(cfg.data, registry, env.rank, env.world_size)
+def reader_bpb(model, reader: Reader, env: Distributed, autocast: bool, max_batches: int | None) -> tuple[float | None, int]:
+    """(bits per byte, targets counted) over what `reader` yields (at most `max_batches` batches
+    per rank), summed over ranks; bits per byte is None when there are no targets."""
     batches = iter(reader)
     was_training = model.training
     model.eval()
     nats = count = 0.0
-    autocast = _bf16(env, cfg) and env.world_size == 1
     done = 0
     while max_batches is None or done < max_batches:
-        batch, _, any_left = next_batch(batches, env, cfg.data)
+        batch, _, any_left = next_batch(batches, env)
         if not any_left:
             break
-        _, n, c = _forward_loss(model, batch or empty_batch(cfg.data.batch_size, cfg.data.seq_len), env, autocast)
+        _, n, c = _forward_loss(model, batch or empty_batch(reader.cfg.batch_size, reader.cfg.seq_len), env, autocast)
         nats, count, done = nats + n, count + c, done + 1
     _close(batches)
     nats, count = env.all_sum([nats, count])
     model.train(was_training)
-    return nats / count / math.log(2) if count else None
+    return (nats / count / math.log(2) if count else None), int(count)
+
+
+def evaluate_bpb(model, registry: Registry, data: Manifest, cfg: TrainConfig, env: Distributed, max_batches: int | None) -> float | None:
+    """Bits per byte over the `val` split of `data`, sharded over ranks; None without a val split."""
+    if not data.parts_of("val"):
+        return None
+    reader = build_val_reader(cfg.data, registry, env.rank, env.world_size)
+    return reader_bpb(model, reader, env, _bf16(env, cfg) and env.world_size == 1, max_batches)[0]
 
 
 def _close(batches) -> None:
@@ -288,7 +291,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     bar = tqdm(total=cfg.steps, initial=step, desc=f"blt-train {cfg.name}", unit="step",
                disable=not (cfg.progress and env.is_main), dynamic_ncols=True)
     timer = time.perf_counter()
-    window = {"bytes": 0.0, "patches": 0.0, "steps": 0}
+    window = {"bytes": 0.0, "patches": 0.0}
     out_of_data = False
     while step < stop_at:
         lr = cfg.lr_at(step)
@@ -297,7 +300,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
         optimizer.zero_grad(set_to_none=True)
         nats = count = n_bytes = n_patches = 0.0
         for micro in range(cfg.grad_accum):
-            batch, state, any_left = next_batch(batches, env, cfg.data)
+            batch, state, any_left = next_batch(batches, env)
             if not any_left:
                 break
             if batch is None:
@@ -326,11 +329,10 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
         nats, count, n_bytes, n_patches = env.all_sum([nats, count, n_bytes, n_patches])
         window["bytes"] += n_bytes
         window["patches"] += n_patches
-        window["steps"] += 1
         record = {"step": step, "loss": nats / max(count, 1), "bpb": nats / max(count, 1) / math.log(2),
                   "lr": lr, "grad_norm": float(grad_norm)}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            val_bpb = evaluate_bpb(model, registry, cfg, env, cfg.eval_batches)
+            val_bpb = evaluate_bpb(model, registry, data, cfg, env, cfg.eval_batches)
             history.append({"step": step, "val_bpb": val_bpb})
             record["val_bpb"] = val_bpb
         if step % cfg.log_every == 0 or step == stop_at:
@@ -345,7 +347,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
                 postfix["val_bpb"] = f"{val_bpb:.3f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(step - bar.n)
-            timer, window = time.perf_counter(), {"bytes": 0.0, "patches": 0.0, "steps": 0}
+            timer, window = time.perf_counter(), {"bytes": 0.0, "patches": 0.0}
         metrics.write(record)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
             checkpoint()
@@ -358,7 +360,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
         checkpoint()
         return TrainResult(job_id, step, False, val_bpb, None, run_dir, env.is_main)
 
-    val_bpb = evaluate_bpb(model, registry, cfg, env, None)
+    val_bpb = evaluate_bpb(model, registry, data, cfg, env, None)
     history.append({"step": step, "val_bpb": val_bpb})
     metrics.write({"step": step, "val_bpb": val_bpb, "final": True})
     checkpoint()

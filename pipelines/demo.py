@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,40 +56,37 @@ class Step:
 class DemoResult:
     steps: list[Step] = field(default_factory=list)
     inspect_page: Path | None = None
-    val_bpb: float | None = None
 
 
-def _timed(result: DemoResult, name: str, registry: Registry, area: str, run, input_bytes: int) -> Manifest:
-    before = set(registry.names(area))
-    versions = {n: registry.versions(n, area) for n in before}
+def _timed(result: DemoResult, name: str, registry: Registry, area: str, run: Callable[[], Manifest],
+           processed: Callable[[Manifest], int]) -> Manifest:
+    """Run one step; `processed(manifest)` is how many bytes it went through (for MB/s)."""
+    versions = {n: registry.versions(n, area) for n in registry.names(area)}
     start = time.perf_counter()
     manifest = run()
     seconds = time.perf_counter() - start
-    reused = manifest.name in versions and manifest.version in versions[manifest.name]
-    result.steps.append(Step(name, manifest, seconds, reused, input_bytes))
+    reused = manifest.version in versions.get(manifest.name, [])
+    result.steps.append(Step(name, manifest, seconds, reused, processed(manifest)))
     return manifest
 
 
 def run_demo(registry: Registry, cfg: DemoConfig | None = None, progress: bool = True) -> DemoResult:
     cfg = cfg or DemoConfig()
     result = DemoResult()
+    text_bytes = lambda m: m.stats.bytes  # noqa: E731
     docs = _timed(result, "download", registry, "datasets", lambda: download(
-        registry, DownloadConfig(source="stdlib", name="stdlib", limit=cfg.limit), progress=progress), 0)
-    result.steps[-1].input_bytes = docs.stats.bytes
+        registry, DownloadConfig(source="stdlib", name="stdlib", limit=cfg.limit), progress=progress), text_bytes)
     shuffled = _timed(result, "shuffle", registry, "datasets", lambda: shuffle_documents(
         registry, docs.ref, "stdlib-shuffled", num_chunks=cfg.num_chunks, seed=0, memory_bytes=64 * 10**6,
-        val_docs=cfg.val_docs, progress=progress), docs.stats.bytes)
+        val_docs=cfg.val_docs, progress=progress), text_bytes)
     patch_cfg = PatchJobConfig(
         docs=shuffled.ref, name="stdlib-patches", model="default", threshold=cfg.threshold, chunks=cfg.chunks,
         workers=cfg.workers,
     )
-    patches = _timed(result, "patch", registry, "datasets", lambda: run_patch_job(registry, patch_cfg, progress=progress), 0)
-    result.steps[-1].input_bytes = patches.stats.bytes
+    patches = _timed(result, "patch", registry, "datasets", lambda: run_patch_job(registry, patch_cfg, progress=progress), text_bytes)
     train_cfg = build_train_config(cfg.train_preset, [f"data.dataset={patches.ref}", f"progress={progress}", *cfg.train])
-    trained = _timed(result, "train", registry, "models", lambda: _train(registry, train_cfg), 0)
-    params = trained.params
-    result.steps[-1].input_bytes = params["step"] * train_cfg.data.batch_size * train_cfg.data.seq_len
-    result.val_bpb = params.get("val_bpb")
+    tokens = lambda m: m.params["step"] * train_cfg.data.batch_size * train_cfg.data.seq_len  # noqa: E731
+    _timed(result, "train", registry, "models", lambda: _train(registry, train_cfg), tokens)
     result.inspect_page = write_inspect_page(registry, patches.ref, Path(cfg.inspect_dir), n_docs=3)
     return result
 
