@@ -274,8 +274,10 @@ class _Pool:
     def __init__(self, size: int, store_url: str, model: ModelInfo | None, cfg: PatchJobConfig):
         env = {k: os.environ[k] for k in STORE_ENV_VARS if os.environ.get(k)}
         worker = ray.remote(PatchWorker)
+        # SPREAD: one actor per node before two on any node, so a cluster's nodes all score
+        # and losing one node loses the fewest actors.
         self._new = lambda: worker.options(
-            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, scheduling_strategy="SPREAD",
             runtime_env={"env_vars": env} if env else None,
         ).remote(store_url, model, cfg)
         self.actors = [self._new() for _ in range(size)]
