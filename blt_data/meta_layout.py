@@ -488,11 +488,9 @@ def read_shard(store: Store, rel: str, damage: list[dict]) -> Iterator[pa.Record
                 while True:
                     try:
                         batch = stream.read_next_batch()
-                    except StopIteration:
-                        break
-                    except (pa.ArrowInvalid, OSError):
-                        break
-                    batch.validate(full=True)
+                        batch.validate(full=True)
+                    except (StopIteration, pa.ArrowInvalid, OSError):
+                        break  # the end of what was written whole
                     rows += batch.num_rows
                     yield batch
                 raise _Damage(f"{type(first_error).__name__}: {first_error}")
@@ -546,12 +544,11 @@ def from_meta_batch(batch: pa.RecordBatch) -> _Rows:
     flat_all = ent.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
     bad = []
     ok = np.ones(batch.num_rows, dtype=bool)
-    for i, (tnull, snull, enull) in enumerate(zip(text.is_null().to_numpy(zero_copy_only=False),
-                                                  sample_id.is_null().to_numpy(zero_copy_only=False),
-                                                  ent.is_null().to_numpy(zero_copy_only=False))):
-        if tnull or snull or enull:
-            bad.append((i, "no text" if tnull else "no sample_id" if snull else "no entropies"))
-            ok[i] = False
+    for column, reason in ((text, "no text"), (sample_id, "no sample_id"), (ent, "no entropies")):
+        if column.null_count:
+            for i in np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False) & ok):
+                bad.append((int(i), reason))
+            ok &= ~column.is_null().to_numpy(zero_copy_only=False)
     n = np.nan_to_num(n.astype(np.float64), nan=-1).astype(np.int64)
     counts = np.nan_to_num(counts.astype(np.float64), nan=-1).astype(np.int64)
     wrong = ok & (counts != n + 2)

@@ -272,8 +272,6 @@ def test_export_then_import_gives_back_ids_text_entropies_and_patch_lengths(stor
     assert again.ref == m.ref  # the same job is not done twice
 
     # Another rule from the same entropies, a registry model as lineage, and a target patch size.
-    from blt_data.registry import job_hash  # noqa: F401 (the model manifest below only needs a sha256)
-
     reg.commit(Manifest(name="ent", kind="entropy-model", job_id="m", params={"sha256": "ab" * 32}))
     t = import_preprocessed(reg, MetaImportConfig(source=out, name="sized", target_patch_size=3.0, model="ent"))
     assert t.parents == ["ent@v1"] and t.params["model"] == {"ref": "ent@v1", "sha256": "ab" * 32}
