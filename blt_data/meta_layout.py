@@ -26,7 +26,9 @@ Export invariant: every object is published whole (``Store.create``); shards fir
 files and the config block, the ``.complete`` markers last, so Meta's loader never accepts a
 shard that is not whole. Import invariant: nothing of the source is dropped without a trace: a
 row that cannot be a document is quarantined, a damaged shard is reported with the rows read
-before the damage (which are kept, as ``download`` keeps a damaged file's lines).
+before the damage (which are kept, as ``download`` keeps a damaged file's lines). The unit of an
+import is one shard: its parts, then its completion record ``_jobs/<job-id>/_done/unit-<k>.json``,
+then (after every shard) the manifest; so an import started again redoes only unfinished shards.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from blt_data.calibrate import Calibration, calibrate_threshold
 from blt_data.documents import PartWriter, encode_line, quarantine_record
 from blt_data.documents import part_name as documents_part_name
 from blt_data.patches import (
-    UnitStats, arrow_schema_summary, build_table, has_entropies, has_eos_entropy, part_name, write_part,
+    UnitStats, arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part, write_part,
 )
 from blt_data.patching import PatchConfig, PatchedBatch, _cut, _lengths_from_starts, _round_down, patch_lengths_arrow
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError, check_name, job_hash
@@ -600,6 +602,84 @@ def _source_names(shards: list[tuple[str, int]]) -> dict[str, str | None]:
     return {"dataset": one(datasets), "entropy_model_name": one(models)}
 
 
+class ShardRecord(BaseModel):
+    """The completion record of one shard (the unit of an import), written after its parts."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: int
+    shard: str
+    parts: list[PartInfo]
+    quarantine: PartInfo | None = None
+    stats: UnitStats
+    quarantined: int = 0
+    damaged: list[dict] = Field(default_factory=list)
+    duplicate_ids: int = 0
+    duplicate_id_examples: list[str] = Field(default_factory=list)
+
+
+def _load_records(store: Store, job_dir: str) -> dict[int, ShardRecord]:
+    records = {}
+    for rel in store.list(f"{job_dir}/_done"):
+        if rel.endswith(".json"):
+            record = ShardRecord.model_validate_json(store.read_bytes(rel))
+            records[record.unit] = record
+    return records
+
+
+def _import_shard(
+    registry: Registry, src: Store, unit: int, path: str, job_id: str, cfg: MetaImportConfig, patch: PatchConfig, seen: set[int],
+) -> ShardRecord:
+    """Shard ``unit`` into parts ``part-<unit>-<j>.parquet`` (of about ``part_bytes`` of text)
+    and a quarantine part, then its completion record: ``_jobs/<job-id>/_done/unit-<unit>.json``."""
+    job_dir = registry.job_dir(cfg.name, job_id)
+    record = ShardRecord(unit=unit, shard=src.uri(path), parts=[], stats=UnitStats())
+    pending: list[pa.Table] = []
+    pending_bytes = 0
+    quarantine: PartWriter | None = None
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            name = f"part-{unit:06d}-{len(record.parts):03d}.parquet"
+            table = pa.concat_tables(pending).combine_chunks()
+            record.parts.append(write_part(registry.store, f"{job_dir}/{name}", f"_jobs/{job_id}/{name}", table,
+                                           dataset=cfg.name, job_id=job_id))
+            pending, pending_bytes = [], 0
+
+    row = 0
+    for batch in read_shard(src, path, record.damaged):
+        rows = from_meta_batch(batch)
+        for i, reason in rows.bad:
+            if quarantine is None:
+                q = f"_quarantine/{documents_part_name(unit)}"
+                quarantine = PartWriter(registry.store, f"{job_dir}/{q}", f"_jobs/{job_id}/{q}", split="quarantine")
+            e = batch.column("entropies")[i]
+            raw = {"sample_id": batch.column("sample_id")[i].as_py(), "text": batch.column("text")[i].as_py(),
+                   "entropies": len(e.values) if e.is_valid else None}  # their count, not the values
+            quarantine.write_line(encode_line(quarantine_record(src.uri(path), row + i + 1, reason, json.dumps(raw, ensure_ascii=False))))
+            record.quarantined += 1
+        ids = rows.ids
+        for j, sid in enumerate(ids):  # ids are unique in a dataset: a repeat gets a positional id
+            if hash(sid) in seen:
+                ids[j] = f"{sid}#{posixpath.basename(path)}:{row + int(rows.rows[j]) + 1}"
+                record.duplicate_ids += 1
+                if len(record.duplicate_id_examples) < 20:
+                    record.duplicate_id_examples.append(sid)
+            seen.add(hash(ids[j]))
+        row += batch.num_rows
+        patch_lengths = patch_lengths_arrow(rows.text, rows.entropies, patch)
+        pending.append(build_table(ids, rows.text, patch_lengths, rows.entropies, rows.eos_entropy))
+        record.stats = record.stats + UnitStats.of(patch_lengths, rows.entropies.values.to_numpy(zero_copy_only=False))
+        pending_bytes += int(pc.sum(pc.binary_length(rows.text)).as_py() or 0)
+        if pending_bytes >= cfg.part_bytes:
+            flush()
+    flush()
+    if quarantine is not None:
+        record.quarantine = quarantine.close()
+    registry.store.write_bytes(f"{job_dir}/_done/unit-{unit:06d}.json", record.model_dump_json().encode())
+    return record
+
+
 def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: bool = False) -> Manifest:
     """Import Meta-preprocessed shards as a patches dataset (no model runs); returns its manifest."""
     src = Store.open(cfg.source)
@@ -638,67 +718,25 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
         calibration = _calibrate(src, shards, cfg)
         patch = calibration.patch_config()
 
-    damage: list[dict] = []
-    parts: list[PartInfo] = []
-    pending: list[pa.Table] = []
-    pending_bytes = 0
-    stats = UnitStats()
+    records = _load_records(registry.store, job_dir)
     seen: set[int] = set()  # hashes of the ids so far: 8 bytes and a set slot per document
-    duplicates = 0
-    duplicate_examples: list[str] = []
-    quarantine: PartWriter | None = None
-    quarantined = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes, stats
-        if not pending:
-            return
-        table = pa.concat_tables(pending).combine_chunks()
-        name = part_name(len(parts))
-        parts.append(write_part(registry.store, f"{job_dir}/{name}", f"_jobs/{job_id}/{name}", table, dataset=cfg.name, job_id=job_id))
-        pending, pending_bytes = [], 0
-
-    total_bytes = sum(s for _, s in shards)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"import {cfg.name}", disable=not progress) as bar:
-        for path, size in shards:
-            row = 0
-            for batch in read_shard(src, path, damage):
-                rows = from_meta_batch(batch)
-                for i, reason in rows.bad:
-                    if quarantine is None:
-                        q = f"_quarantine/{documents_part_name(0)}"
-                        quarantine = PartWriter(registry.store, f"{job_dir}/{q}", f"_jobs/{job_id}/{q}", split="quarantine")
-                    e = batch.column("entropies")[i]
-                    raw = {"sample_id": batch.column("sample_id")[i].as_py(), "text": batch.column("text")[i].as_py(),
-                           "entropies": len(e.values) if e.is_valid else None}  # their count, not the values
-                    quarantine.write_line(encode_line(quarantine_record(src.uri(path), row + i + 1, reason, json.dumps(raw, ensure_ascii=False))))
-                    quarantined += 1
-                ids = rows.ids
-                for j, sid in enumerate(ids):  # ids are unique in a dataset: a repeat gets a positional id
-                    if hash(sid) in seen:
-                        ids[j] = f"{sid}#{posixpath.basename(path)}:{row + int(rows.rows[j]) + 1}"
-                        duplicates += 1
-                        if len(duplicate_examples) < 20:
-                            duplicate_examples.append(sid)
-                    seen.add(hash(ids[j]))
-                row += batch.num_rows
-                patch_lengths = patch_lengths_arrow(rows.text, rows.entropies, patch)
-                table = build_table(ids, rows.text, patch_lengths, rows.entropies, rows.eos_entropy)
-                stats = stats + UnitStats.of(patch_lengths, rows.entropies.values.to_numpy(zero_copy_only=False))
-                pending.append(table)
-                pending_bytes += int(pc.sum(pc.binary_length(rows.text)).as_py() or 0)
-                if pending_bytes >= cfg.part_bytes:
-                    flush()
+    for unit in sorted(records):  # resumed: the ids of the shards done are taken already
+        for part in records[unit].parts:
+            ids = read_part(registry.store, f"{registry.dataset_dir(cfg.name)}/{part.path}", ["id"]).column("id")
+            seen.update(hash(i) for i in ids.to_pylist())
+    with tqdm(total=sum(s for _, s in shards), unit="B", unit_scale=True, desc=f"import {cfg.name}", disable=not progress) as bar:
+        for unit, (path, size) in enumerate(shards):
+            if unit not in records:
+                records[unit] = _import_shard(registry, src, unit, path, job_id, cfg, patch, seen)
             bar.update(size)
-    flush()
-    q_parts = [quarantine.close()] if quarantine is not None else []
-
+    ordered = [records[u] for u in range(len(shards))]
+    stats = sum((r.stats for r in ordered), UnitStats())  # in shard order: float sums are reproducible
     dataset_stats = stats.dataset_stats({"train": stats.documents})
-    dataset_stats.quarantined = quarantined
-    dataset_stats.damaged_files = damage
+    dataset_stats.quarantined = sum(r.quarantined for r in ordered)
+    dataset_stats.damaged_files = [d for r in ordered for d in r.damaged]
     dataset_stats.skipped_files = skipped
-    dataset_stats.duplicate_ids = duplicates
-    dataset_stats.duplicate_id_examples = duplicate_examples
+    dataset_stats.duplicate_ids = sum(r.duplicate_ids for r in ordered)
+    dataset_stats.duplicate_id_examples = [x for r in ordered for x in r.duplicate_id_examples][:20]
     params = {
         "imported_from": "meta-preprocessed",
         "source": src.url,
@@ -716,7 +754,8 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
     }
     manifest = Manifest(
         name=cfg.name, kind="patches", job_id=job_id, parents=parents, params=params,
-        arrow_schema=arrow_schema_summary(True, True), parts=parts, quarantine=q_parts, stats=dataset_stats,
+        arrow_schema=arrow_schema_summary(True, True), parts=[p for r in ordered for p in r.parts],
+        quarantine=[r.quarantine for r in ordered if r.quarantine], stats=dataset_stats,
     )
     return registry.commit(manifest)
 

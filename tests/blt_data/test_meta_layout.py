@@ -280,6 +280,28 @@ def test_export_then_import_gives_back_ids_text_entropies_and_patch_lengths(stor
     assert [r["entropies"] for r in rows] == [r["entropies"] for r in our_rows(reg, "src")]
 
 
+def test_import_started_again_redoes_only_unfinished_shards(local_store_url, tmp_path):
+    reg = Registry(Store.open(local_store_url))
+    commit_dataset(reg, "src", make_docs(40, seed=6))
+    out = tmp_path / "meta"
+    export_meta(reg, MetaExportConfig(patches="src", out=str(out), chunks=4))
+    cfg = MetaImportConfig(source=str(out), name="imp", threshold=THRESHOLD, part_bytes=300)
+    whole = import_preprocessed(reg, cfg)
+    assert len(whole.parts) > 4  # several parts per shard
+    job = Path(local_store_url) / "datasets" / "imp" / "_jobs" / whole.job_id
+    # A crash after shards 0 and 1: the later completion records and the manifest never landed.
+    (Path(local_store_url) / "datasets" / "imp" / "v0001" / "manifest.json").unlink()
+    for unit in (2, 3):
+        (job / "_done" / f"unit-{unit:06d}.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in job.glob("part-*.parquet")}
+    again = import_preprocessed(reg, cfg)
+    after = {p.name: p.stat().st_mtime_ns for p in job.glob("part-*.parquet")}
+    redone = {name for name in after if after[name] != before.get(name)}
+    assert redone and all(name.startswith(("part-000002-", "part-000003-")) for name in redone)
+    assert again.parts == whole.parts and again.stats == whole.stats and again.job_id == whole.job_id
+    assert read_patches(reg, again).to_pylist() == read_patches(reg, reg.resolve("src")).to_pylist()
+
+
 def write_shard(path: Path, rows: list[dict], complete=True, schema=META_SCHEMA, batch_rows=4) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with pa.ipc.new_file(str(path), schema) as w:
@@ -371,6 +393,13 @@ def bytelatent(monkeypatch):
                                  PatcherArgs=PatcherArgs, TokenizerArgs=TokenizerArgs)
 
 
+def class_fields(path: Path, name: str) -> set[str]:
+    import ast
+
+    (cls,) = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef) and n.name == name]
+    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
 @pytest.mark.parametrize("max_len", [None, 5])
 def test_meta_loader_reads_the_export_and_patches_like_us(local_store_url, tmp_path, bytelatent, max_len):
     reg = Registry(Store.open(local_store_url))
@@ -379,6 +408,9 @@ def test_meta_loader_reads_the_export_and_patches_like_us(local_store_url, tmp_p
     out = tmp_path / "export"
     export_meta(reg, MetaExportConfig(patches="corpus", out=str(out), chunks=2, shard_bytes=1200, batch_rows=3))
     cfg = yaml.safe_load((out / CONFIG_FILE).read_text())["data"]
+    # DataloaderArgs forbids unknown keys; its module needs CUDA-only imports, so read its fields.
+    assert set(cfg) <= class_fields(META_SOURCE / "bytelatent" / "args.py", "DataloaderArgs")
+    assert set(cfg["patcher_args"]) <= set(bytelatent.PatcherArgs.model_fields)
     ours = {r["id"]: r for r in our_rows(reg, "corpus")}
     seen = []
     chunks = sorted((out / "data" / "corpus").glob("*.chunk.*.jsonl"))  # args.py: find_and_sanitize_chunks
