@@ -302,6 +302,18 @@ def test_import_started_again_redoes_only_unfinished_shards(local_store_url, tmp
     assert read_patches(reg, again).to_pylist() == read_patches(reg, reg.resolve("src")).to_pylist()
 
 
+def test_repatch_keeps_the_end_of_document_entropy(local_store_url):
+    from blt_data.repatch import RepatchConfig, repatch
+
+    reg = Registry(Store.open(local_store_url))
+    commit_dataset(reg, "src", make_docs(20, seed=8))
+    m = repatch(reg, RepatchConfig(patches="src", name="rep", threshold=0.9))
+    assert m.arrow_schema["eos_entropy"] == "halffloat" and m.params["eos_entropy"] is True
+    src, rep = our_rows(reg, "src"), our_rows(reg, "rep")
+    assert [r["eos_entropy"] for r in rep] == [r["eos_entropy"] for r in src]
+    assert [r["patch_lengths"] for r in rep] != [r["patch_lengths"] for r in src]
+
+
 def write_shard(path: Path, rows: list[dict], complete=True, schema=META_SCHEMA, batch_rows=4) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with pa.ipc.new_file(str(path), schema) as w:
