@@ -4,11 +4,14 @@
     text           large_string        the document, unchanged
     patch_lengths  list<int32>         patch lengths over the UTF-8 bytes of `text` (they sum to its length)
     entropies      list<float16>       optional: H(byte j | BOS, bytes < j) in nats, one per byte
+    eos_entropy    float16 (nullable)  version 2, optional, present with entropies: H(EOS | whole
+                                       document) in nats, which Meta's patch rule needs to decide
+                                       whether EOS joins the last patch (``blt_data.meta_layout``)
 
 Key-value metadata of every part (Parquet footer, through the Arrow schema):
 
     blt.format          "patches"
-    blt.format_version  "1"
+    blt.format_version  "2" (version 1 parts, without eos_entropy, still read)
     blt.dataset         the dataset name the part was written for
     blt.job_id          the job that wrote it
 
@@ -38,7 +41,8 @@ from blt_data.registry import DatasetStats, Manifest, PartInfo, Registry
 from blt_data.storage import Store
 
 FORMAT = "patches"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = ("1", "2")  # as written in the footer; 1 is 2 without eos_entropy
 PART_EXT = ".parquet"
 ROW_GROUP_ROWS = 4096  # documents per row group: readers can stream parts of a few GB
 # Entropy histogram (for quantiles that add over units): bins of 1/256 nat over [0, 6) nats,
@@ -53,7 +57,7 @@ def part_name(index: int) -> str:
     return f"part-{index:06d}{PART_EXT}"
 
 
-def patches_schema(with_entropies: bool) -> pa.Schema:
+def patches_schema(with_entropies: bool, with_eos_entropy: bool = False) -> pa.Schema:
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("text", pa.large_string(), nullable=False),
@@ -61,22 +65,30 @@ def patches_schema(with_entropies: bool) -> pa.Schema:
     ]
     if with_entropies:
         fields.append(pa.field("entropies", pa.list_(pa.float16()), nullable=False))
+    if with_eos_entropy:
+        fields.append(pa.field("eos_entropy", pa.float16(), nullable=True))
     return pa.schema(fields)
 
 
-def arrow_schema_summary(with_entropies: bool) -> dict[str, str]:
+def arrow_schema_summary(with_entropies: bool, with_eos_entropy: bool = False) -> dict[str, str]:
     """Column -> Arrow type, as manifests record it."""
-    return {f.name: str(f.type) for f in patches_schema(with_entropies)}
+    return {f.name: str(f.type) for f in patches_schema(with_entropies, with_eos_entropy)}
 
 
 def build_table(
-    ids: list[str], text: pa.Array, patch_lengths: pa.ListArray, entropies: pa.ListArray | None
+    ids: list[str], text: pa.Array, patch_lengths: pa.ListArray, entropies: pa.ListArray | None,
+    eos_entropy: pa.Array | None = None,
 ) -> pa.Table:
-    """A part's rows; `text` is large_string, `entropies` list<float16> (or None: no column)."""
+    """A part's rows; `text` is large_string, `entropies` list<float16> (or None: no column),
+    `eos_entropy` float16 (or None: no column; only with entropies)."""
+    if eos_entropy is not None and entropies is None:
+        raise ValueError("eos_entropy comes with entropies")
     columns = [pa.array(ids, pa.string()), text, patch_lengths]
     if entropies is not None:
         columns.append(entropies)
-    return pa.Table.from_arrays(columns, schema=patches_schema(entropies is not None))
+    if eos_entropy is not None:
+        columns.append(eos_entropy)
+    return pa.Table.from_arrays(columns, schema=patches_schema(entropies is not None, eos_entropy is not None))
 
 
 def entropies_array(per_document: list[np.ndarray]) -> pa.ListArray:
@@ -132,7 +144,7 @@ def read_patches(registry: Registry, manifest: Manifest, columns: list[str] | No
     tables = [t for _, t in iter_tables(registry, manifest, columns)]
     if tables:
         return pa.concat_tables(tables)
-    empty = patches_schema(has_entropies(manifest)).empty_table()
+    empty = patches_schema(has_entropies(manifest), has_eos_entropy(manifest)).empty_table()
     return empty.select(columns) if columns else empty
 
 
@@ -143,6 +155,10 @@ def check_patches(manifest: Manifest) -> None:
 
 def has_entropies(manifest: Manifest) -> bool:
     return "entropies" in manifest.arrow_schema
+
+
+def has_eos_entropy(manifest: Manifest) -> bool:
+    return "eos_entropy" in manifest.arrow_schema
 
 
 def byte_lengths(text: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -54,7 +54,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blt_data.entropy import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID
-from blt_data.patches import FORMAT, FORMAT_VERSION, ROW_GROUP_ROWS
+from blt_data.patches import FORMAT, READABLE_FORMAT_VERSIONS, ROW_GROUP_ROWS
 from blt_data.registry import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError
 from blt_data.prefetch import in_background
@@ -337,10 +337,10 @@ class Reader:
     def _check_footer(self, part: PartInfo, pf: pq.ParquetFile) -> None:
         meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
         where = f"{self.manifest.ref}: part {part.path}"
-        if meta.get("blt.format") != FORMAT or meta.get("blt.format_version") != str(FORMAT_VERSION):
+        if meta.get("blt.format") != FORMAT or meta.get("blt.format_version") not in READABLE_FORMAT_VERSIONS:
             raise ReaderError(
                 f"{where} is format {meta.get('blt.format')!r} version {meta.get('blt.format_version')!r}; "
-                f"this reader reads {FORMAT!r} version {FORMAT_VERSION}"
+                f"this reader reads {FORMAT!r} version {' or '.join(READABLE_FORMAT_VERSIONS)}"
             )
         if meta.get("blt.job_id") != self.manifest.job_id:
             raise ReaderError(f"{where} was written by job {meta.get('blt.job_id')!r}, not {self.manifest.job_id!r}")

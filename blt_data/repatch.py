@@ -27,7 +27,7 @@ from tqdm import tqdm
 from blt_data.calibrate import Calibration, calibrate_threshold
 from blt_data.patch_units import UnitRecord, UnitSpec, load_records, record_path
 from blt_data.patches import (
-    UnitStats, arrow_schema_summary, build_table, has_entropies, part_name, read_part, write_part,
+    UnitStats, arrow_schema_summary, build_table, has_entropies, has_eos_entropy, part_name, read_part, write_part,
 )
 from blt_data.patching import PatchConfig, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry, check_name, job_hash
@@ -119,11 +119,13 @@ def _calibration(registry: Registry, parent: Manifest, cfg: RepatchConfig, spec:
 
 
 def _repatch_part(registry: Registry, parent: Manifest, index: int, part, spec: UnitSpec) -> UnitRecord:
-    table = read_part(registry.store, registry.part_path(parent, part), ["id", "text", "entropies"])
+    eos = has_eos_entropy(parent)  # carried over: a repatch keeps everything but patch_lengths
+    table = read_part(registry.store, registry.part_path(parent, part), ["id", "text", "entropies"] + (["eos_entropy"] if eos else []))
     text = table.column("text").combine_chunks()
     entropies = table.column("entropies").combine_chunks()
     patch_lengths = patch_lengths_arrow(text, entropies, spec.patch)
-    out = build_table(table.column("id").to_pylist(), text, patch_lengths, entropies)
+    out = build_table(table.column("id").to_pylist(), text, patch_lengths, entropies,
+                      table.column("eos_entropy").combine_chunks() if eos else None)
     info = write_part(
         registry.store, f"{spec.job_dir}/{part_name(index)}", f"_jobs/{spec.job_id}/{part_name(index)}",
         out, dataset=spec.name, job_id=spec.job_id, split=part.split,
@@ -150,10 +152,11 @@ def _commit(registry: Registry, parent: Manifest, cfg: RepatchConfig, spec: Unit
         "calibration": calibration.model_dump() if calibration else None,
         "max_patch_length": cfg.max_patch_length,
         "entropies": True,
+        "eos_entropy": has_eos_entropy(parent),
     }
     manifest = Manifest(
         name=cfg.name, kind="patches", job_id=spec.job_id, parents=[parent.ref], params=params,
-        arrow_schema=arrow_schema_summary(True), parts=[r.part for r in ordered],
+        arrow_schema=arrow_schema_summary(True, has_eos_entropy(parent)), parts=[r.part for r in ordered],
         stats=stats.dataset_stats(dict(sorted(splits.items()))),
     )
     return registry.commit(manifest)

@@ -690,6 +690,84 @@ def jobs_list(address: AddressOpt = DEFAULT_RAY_ADDRESS, as_json: JsonOpt = Fals
         started = f"{r.start_time:%Y-%m-%d %H:%M:%S}" if r.start_time else "-"
         typer.echo(f"{r.submission_id:<28} {r.status:<10} {started:<20} {r.entrypoint}")
 
+# Meta's preprocessed-entropy layout (issue 12): export a patches dataset to it, import from it.
+
+
+@app.command("export")
+def export(
+    patches: Annotated[str, typer.Argument(help="Patches dataset to export: NAME or NAME@vN.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder to write into (local or s3://); it must not hold an earlier export.")],
+    format: Annotated[str, typer.Option("--format", help="Layout to write: meta (Meta's bytelatent preprocessed-entropy Arrow shards).")],
+    chunks: Annotated[int, typer.Option(help="Chunk files (Meta's loader needs a world size that is a multiple).", min=1)] = 1,
+    split: Annotated[str, typer.Option(help="Split to export.")] = "train",
+    entropy_model_name: Annotated[Optional[str], typer.Option(help="Folder name for the entropy model in the layout. [default: the dataset's model, NAME_vN]", show_default=False)] = None,
+    accept_monotonic_difference: Annotated[bool, typer.Option("--accept-monotonic-difference", help="Export a monotonic dataset although Meta's loader always starts a patch at byte 1.")] = False,
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a patches dataset in Meta's preprocessed layout and print the `data:` config block
+    with which Meta's training loop reads it and patches exactly as this dataset does."""
+    from pydantic import ValidationError
+
+    from blt_data.meta_layout import MetaExportConfig, export_meta
+
+    if format != "meta":
+        fail(f"--format: {format!r} is not a layout blt-data writes (meta)")
+    try:
+        cfg = MetaExportConfig(patches=patches, out=out, chunks=chunks, split=split, entropy_model_name=entropy_model_name,
+                               accept_monotonic_difference=accept_monotonic_difference)
+    except ValidationError as e:
+        fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
+    try:
+        result = export_meta(open_registry(store), cfg, progress=not quiet)
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+        return
+    typer.echo(f"{result.dataset}: {result.documents:,} documents, {result.bytes / 1e6:,.1f} MB of text in "
+               f"{len(result.shards)} shards of {len(result.chunk_files)} chunks under {result.out}")
+    if result.differing_documents:
+        typer.secho(f"  {result.differing_documents:,} documents get other patch lengths in Meta's monotonic mode (accepted)", fg="yellow")
+    typer.echo(f"  config block written to {result.config_file}:")
+    typer.echo(result.config_yaml)
+
+
+@app.command("import-preprocessed")
+def import_preprocessed(
+    source: Annotated[str, typer.Argument(help="Folder (local or s3://) of Meta's *.shard_*.arrow files with their .complete markers.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name of the patches dataset to create.")],
+    threshold: Annotated[Optional[float], typer.Option(help="Entropy threshold in nats.")] = None,
+    target_patch_size: Annotated[Optional[float], typer.Option(help="Calibrate the threshold for this mean patch size in bytes instead.")] = None,
+    scheme: Annotated[str, typer.Option(help="entropy | monotonic")] = "entropy",
+    max_patch_length: Annotated[Optional[int], typer.Option(help="Cut longer patches into pieces of this many bytes.", min=1)] = None,
+    model: Annotated[Optional[str], typer.Option(help="The entropy model that scored the shards: a registry model (lineage) or Meta's name for it.")] = None,
+    skip_incomplete: Annotated[bool, typer.Option("--skip-incomplete", help="Import the shards that have a .complete marker and skip the others.")] = False,
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A patches dataset from a Meta-preprocessed corpus, without running a model: patch lengths
+    by our rule from the stored entropies, the end-of-document entropy kept."""
+    from pydantic import ValidationError
+
+    from blt_data.meta_layout import MetaImportConfig, import_preprocessed as run_import
+
+    try:
+        cfg = MetaImportConfig(source=source, name=name, threshold=threshold, target_patch_size=target_patch_size, scheme=scheme,
+                               max_patch_length=max_patch_length, model=model, skip_incomplete=skip_incomplete)
+    except ValidationError as e:
+        fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
+    try:
+        reg = open_registry(store, create=True)
+        m = run_import(reg, cfg, progress=not quiet)
+    except EXPECTED_ERRORS as e:
+        fail(str(e))
+    report(m, reg, as_json)
+    describe_patches(m, as_json)
+
+
 
 def main() -> None:
     app()

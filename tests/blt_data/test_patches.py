@@ -58,7 +58,7 @@ def test_part_round_trip_and_other_readers(store_url, tmp_path, with_entropies):
     assert back.select(table.column_names).equals(table)
     assert back.schema.field("patch_lengths").type == pa.list_(pa.int32())
     assert part_metadata(store, "x/part-000000.parquet") == {
-        "blt.format": "patches", "blt.format_version": "1", "blt.dataset": "ds", "blt.job_id": "job1"}
+        "blt.format": "patches", "blt.format_version": "2", "blt.dataset": "ds", "blt.job_id": "job1"}
     if not store.is_local:
         return
     files = [store.path("x/part-000000.parquet"), store.path("y/part-000000.parquet")]

@@ -101,7 +101,7 @@ def test_demo_runs_and_second_run_reuses(local_store_url, ray_local, tmp_path):
     assert second.count("reused") == 4 and "@v2" not in second
 
 
-@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["registry", "gc"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"], ["inspect"], ["submit"], ["jobs"], ["jobs", "logs"]])
+@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["registry", "gc"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"], ["inspect"], ["export"], ["import-preprocessed"], ["submit"], ["jobs"], ["jobs", "logs"]])
 def test_help(command):
     out = blt(*command, "--help")
     assert "Usage" in out
@@ -129,6 +129,10 @@ def test_options_snapshot():
         "repatch": sorted(["patches", "name", "threshold", "target_patch_size", "scheme", "max_patch_length", "store", "quiet", "as_json"]),
         "inspect": sorted(["ref", "out", "doc", "docs", "max_bytes", "store"]),
         "submit": sorted(["command", "address", "follow", "store"]),
+        "export": sorted(["patches", "out", "format", "chunks", "split", "entropy_model_name", "accept_monotonic_difference",
+                          "store", "quiet", "as_json"]),
+        "import-preprocessed": sorted(["source", "name", "threshold", "target_patch_size", "scheme", "max_patch_length", "model",
+                                       "skip_incomplete", "store", "quiet", "as_json"]),
     }
     jobs = {name: sorted(p.name for p in cmd.params) for name, cmd in group.commands["jobs"].commands.items()}
     assert jobs == {
