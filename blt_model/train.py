@@ -226,8 +226,7 @@ def _close(batches) -> None:
 
 def build_model(cfg: TrainConfig, env: Distributed) -> BLT:
     torch.manual_seed(cfg.seed)
-    model = BLT(cfg.model)
-    model.init_weights()
+    model = BLT(cfg.model)  # initialised once, by BLT.__init__ (Meta's init_weights)
     model = model.to(env.device)
     return parallelize_blt(model, env, cfg.parallel, bf16=_bf16(env, cfg))
 
