@@ -142,6 +142,50 @@ def test_each_document_of_a_packed_row_matches_transformers_alone(name):
         start += len(doc_tokens)
 
 
+def test_encoder_cross_attention_at_every_layer_is_metas():
+    """With several encoder layers and `cross_attn_all_layers_encoder`, transformers re-pools
+    the patch queries before each cross-attention, while Meta pools once (before the first) and
+    carries them on (`patch_embeds = patch_embeds + cross(patch_embeds, h)`). HF's encoder with
+    Meta's loop is the oracle here."""
+    cfg = config(n_layers_local_encoder=3, cross_attn_all_layers_encoder=True)
+    hf_dict = hf_config_from_config(config(n_layers_local_encoder=3))
+    hf_dict["encoder_config"]["cross_attn_all_layers"] = True
+    hf_config = BltConfig(**hf_dict)
+    for c in (hf_config, hf_config.encoder_config, hf_config.decoder_config, hf_config.global_config):
+        c._attn_implementation = "eager"
+    torch.manual_seed(7)
+    hf = BltForCausalLM(hf_config).eval()
+    ours = BLT(cfg).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg)[0], strict=True)
+    encoder = hf.model.local_encoder
+
+    def meta_encoder_forward(input_ids=None, inputs_embeds=None, attention_mask=None,
+                             position_ids=None, encoder_attention_mask=None, num_patches=None,
+                             patch_ids=None, **kwargs):  # fmt: skip
+        h = inputs_embeds
+        rope = encoder.rotary_emb(h, position_ids)
+        patches = None
+        for i, layer in enumerate(encoder.layers):
+            h = layer(h, position_embeddings=rope, attention_mask=attention_mask)
+            if patches is None:
+                pooled = encoder.patch_reduce(h, num_patches, patch_ids)
+                patches = encoder.patch_embedding_projection(pooled)
+                patches = patches.reshape(h.shape[0], -1, h.shape[-1])
+            out, _ = encoder.cross_attn_layers[i](
+                hidden_states=patches, cross_attention_states=h, attention_mask=encoder_attention_mask
+            )
+            patches = patches + out
+        return h, patches
+
+    tokens, lengths = document(TEXT)
+    want_hf = hf_logits(hf, tokens, lengths)
+    encoder.forward = meta_encoder_forward
+    want = hf_logits(hf, tokens, lengths)
+    got = ours_logits(ours, tokens, lengths, [0] * len(tokens), flex=False)
+    assert (got - want).abs().max() < TOL
+    assert (got - want_hf).abs().max() > 1e-3  # the two codes do differ here
+
+
 def test_continuation_with_a_long_first_patch_stays_causal():
     """Meta asserts a one-byte first patch; HF accepts a longer one but then lets its bytes see
     the global state of the whole patch (future bytes). Ours: those bytes see no patch, so
