@@ -201,13 +201,14 @@ def config_from_hf_config(hf: Mapping[str, Any]) -> BLTConfig:
     """BLTConfig from a transformers `BltConfig` dict (config.json, `model_type: "blt"`)."""
     if hf.get("model_type") != "blt":
         raise InteropError(f"not a transformers BLT config (model_type {hf.get('model_type')!r})")
-    enc, dec, glob = (hf.get(k) or {} for k in ("encoder_config", "decoder_config", "global_config"))
+    sections = ("encoder_config", "decoder_config", "global_config")
+    enc, dec, glob = (hf.get(name) or {} for name in sections)
     thetas = {_theta(s) for s in (enc, dec, glob)} - {None}
     if len(thetas) > 1:
         raise InteropError(f"local and global RoPE theta differ ({sorted(thetas)}): unsupported")
-    for name, section in (("encoder_config", enc), ("decoder_config", dec), ("global_config", glob)):
+    for name, section in zip(sections, (enc, dec, glob)):
         if section.get("num_key_value_heads") not in (None, section.get("num_attention_heads")):
-            raise InteropError(f"{name}.num_key_value_heads (grouped-query attention) is unsupported")
+            raise InteropError(f"{name}.num_key_value_heads (grouped-query) is unsupported")
     try:
         config = BLTConfig(
             vocab_size=hf.get("vocab_size", 260),
@@ -224,17 +225,24 @@ def config_from_hf_config(hf: Mapping[str, Any]) -> BLTConfig:
             cross_attn_nheads=enc["num_attention_heads"],
             cross_attn_all_layers_encoder=enc.get("cross_attn_all_layers", False),
             cross_attn_all_layers_decoder=dec.get("cross_attn_all_layers", True),
-            encoder_hash_byte_group_size=hf.get("encoder_hash_byte_group_size") or [3, 4, 5, 6, 7, 8],
+            encoder_hash_byte_group_size=(
+                hf.get("encoder_hash_byte_group_size") or [3, 4, 5, 6, 7, 8]
+            ),
             encoder_hash_byte_group_vocab=hf.get("encoder_hash_byte_group_vocab", 500002),
             encoder_hash_byte_group_nb_functions=hf.get("encoder_hash_byte_group_nb_functions", 1),
             rope_theta=thetas.pop() if thetas else 500000.0,
             local_attention_window_len=hf.get("local_attention_window_len", 512),
             norm_eps=glob.get("rms_norm_eps", 1e-5),
         )
-    except (KeyError, TypeError, ValueError) as err:
-        raise InteropError(f"transformers BLT config does not describe a supported BLT: {err}") from None
+    except KeyError as err:
+        raise InteropError(f"transformers BLT config lacks {err}") from None
+    except (TypeError, ValueError) as err:
+        raise InteropError(f"transformers BLT config is not a supported BLT: {err}") from None
     if dec["num_attention_heads"] != config.cross_attn_nheads:
-        raise InteropError("transformers BLT config: encoder and decoder heads differ (cross_attn_nheads is one number)")
+        raise InteropError(
+            "transformers BLT config: encoder and decoder heads differ, but they are both "
+            "its cross-attention heads (cross_attn_nheads, one number)"
+        )
     for name, section, dim in (
         ("encoder_config", enc, config.dim_local_encoder),
         ("decoder_config", dec, config.dim_local_decoder),
@@ -297,7 +305,8 @@ def state_dict_to_hf(
     num_tables = config.encoder_hash_byte_group_nb_functions * len(
         config.encoder_hash_byte_group_size
     )
-    out = {_HF_HASH: torch.cat([state_dict[f"{_HASH_PREFIX}{i}.weight"] for i in range(num_tables)])}
+    tables = [state_dict[f"{_HASH_PREFIX}{i}.weight"] for i in range(num_tables)]
+    out = {_HF_HASH: torch.cat(tables)}  # table i at rows i*vocab ... (i+1)*vocab - 1
     out[_HF_HEAD] = state_dict[_OUR_HEAD]
     for key, value in state_dict.items():
         if not key.startswith(_HASH_PREFIX) and key != _OUR_HEAD:
@@ -322,7 +331,7 @@ def state_dict_from_hf(
         elif key == _HF_HASH:
             num_tables, rest = divmod(value.shape[0], vocab)
             if rest:
-                raise InteropError(f"tensor {key} has {value.shape[0]} rows, not a multiple of {vocab}")
+                raise InteropError(f"tensor {key}: {value.shape[0]} rows, not a multiple of {vocab}")
             for i in range(num_tables):
                 ours[f"{_HASH_PREFIX}{i}.weight"] = value[i * vocab : (i + 1) * vocab]
         elif key.startswith("model."):
