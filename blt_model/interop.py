@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from blt_model.blt import BLT, BLTConfig
+from blt_model.entropy_model import EntropyModelConfig
 from blt_model.layers import ffn_hidden_dim
 
 
@@ -298,9 +299,12 @@ def _rename(key: str, table: Mapping[str, str]) -> str:
 
 
 def state_dict_to_hf(
-    state_dict: Mapping[str, torch.Tensor], config: BLTConfig
+    state_dict: Mapping[str, torch.Tensor],
+    config: BLTConfig,
+    patcher_state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Our (= Meta's) state dict -> transformers' `BltForCausalLM` keys (no patcher)."""
+    """Our (= Meta's) state dict -> transformers' `BltForCausalLM` keys; with
+    `patcher_state_dict` (from `entropy_state_dict_to_hf`) under `model.patcher.`."""
     check_state_dict(state_dict, config)
     num_tables = config.encoder_hash_byte_group_nb_functions * len(
         config.encoder_hash_byte_group_size
@@ -311,6 +315,8 @@ def state_dict_to_hf(
     for key, value in state_dict.items():
         if not key.startswith(_HASH_PREFIX) and key != _OUR_HEAD:
             out["model." + _rename(key, _TO_HF)] = value
+    for key, value in (patcher_state_dict or {}).items():
+        out[_HF_PATCHER_PREFIX + key] = value
     return out
 
 
@@ -340,3 +346,60 @@ def state_dict_from_hf(
             raise InteropError(f"unexpected tensor {key} in a transformers BLT state dict")
     check_state_dict(ours, config)
     return ours, patcher
+
+
+# The entropy model as transformers' `BltPatcher` (the patcher inside a BLT checkpoint).
+_ENTROPY_TO_HF = {"output": "lm_head"} | _TO_HF
+
+
+def hf_patcher_config(config: EntropyModelConfig) -> dict[str, Any]:
+    """transformers' `BltPatcherConfig` dict for our entropy model."""
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "max_position_embeddings": config.max_seqlen,
+        "rms_norm_eps": config.norm_eps,
+        "intermediate_size": ffn_hidden_dim(config.dim, config.ffn_dim_multiplier),
+        "rope_parameters": _rope(config.rope_theta),
+        "sliding_window": config.window,
+    }
+
+
+def entropy_config_from_hf_patcher(hf: Mapping[str, Any]) -> EntropyModelConfig:
+    """Our entropy model's config from a `BltPatcherConfig` dict (`patcher_config`)."""
+    if hf.get("num_key_value_heads") not in (None, hf.get("num_attention_heads")):
+        raise InteropError("patcher num_key_value_heads (grouped-query) is unsupported")
+    if hf.get("sliding_window") is None:
+        raise InteropError("patcher without a sliding window is unsupported")
+    try:
+        config = EntropyModelConfig(
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            window=hf["sliding_window"],
+            max_seqlen=hf.get("max_position_embeddings", 8192),
+            vocab_size=hf.get("vocab_size", 260),
+            rope_theta=_theta(hf) or 10000.0,
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+        )
+    except KeyError as err:
+        raise InteropError(f"transformers patcher config lacks {err}") from None
+    except (TypeError, ValueError) as err:
+        raise InteropError(f"transformers patcher config is not supported: {err}") from None
+    want = ffn_hidden_dim(config.dim, config.ffn_dim_multiplier)
+    if hf.get("intermediate_size", want) != want:
+        raise InteropError(f"patcher intermediate_size {hf['intermediate_size']} is not Meta's {want}")
+    return config
+
+
+def entropy_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (= Meta's) entropy model keys -> `BltPatcher`'s (no `model.patcher.` prefix)."""
+    return {_rename(key, _ENTROPY_TO_HF): value for key, value in state_dict.items()}
+
+
+def entropy_state_dict_from_hf(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`BltPatcher` keys -> ours; check with `entropy_model.load_checked_state_dict`."""
+    back = {v: k for k, v in _ENTROPY_TO_HF.items()}
+    return {_rename(key, back): value for key, value in hf_state_dict.items()}

@@ -263,3 +263,43 @@ def test_unsupported_options_are_refused_by_name():
         config(dim_local_decoder=64)  # Meta's code cannot compute it either
     with pytest.raises(InteropError, match="cross_attn_nheads"):
         hf_config_from_config(config(cross_attn_nheads=4))
+
+
+def test_entropy_model_matches_transformers_patcher_and_rides_in_the_blt_checkpoint():
+    from transformers import BltPatcherConfig
+    from transformers.models.blt.modeling_blt import BltPatcher
+
+    from blt_model.entropy_model import EntropyModel, EntropyModelConfig, load_checked_state_dict
+    from blt_model.interop import (
+        entropy_config_from_hf_patcher,
+        entropy_state_dict_from_hf,
+        entropy_state_dict_to_hf,
+        hf_patcher_config,
+    )
+
+    ecfg = EntropyModelConfig(dim=32, n_layers=2, n_heads=2, window=8, max_seqlen=64)
+    assert entropy_config_from_hf_patcher(hf_patcher_config(ecfg)) == ecfg
+    patcher_config = BltPatcherConfig(**hf_patcher_config(ecfg))
+    patcher_config._attn_implementation = "eager"
+    torch.manual_seed(1)
+    patcher = BltPatcher(patcher_config).eval()
+    ours = EntropyModel(ecfg).eval()
+    load_checked_state_dict(ours, entropy_state_dict_from_hf(patcher.state_dict()), "hf")
+    tokens = torch.tensor([[BOS] + [b + 4 for b in TEXT[:40]]])
+    with torch.no_grad():
+        entropies, _, want = patcher(input_ids=tokens)
+        got = ours(tokens)
+    assert (got - want).abs().max() < TOL
+    # In a BLT checkpoint: model.patcher.* next to the BLT's tensors, and back out again.
+    cfg = config()
+    blt = BLT(cfg)
+    patcher_sd = entropy_state_dict_to_hf(ours.state_dict())
+    hf_sd = state_dict_to_hf(blt.state_dict(), cfg, patcher_sd)
+    assert "model.patcher.lm_head.weight" in hf_sd and "model.patcher.embed_tokens.weight" in hf_sd
+    hf_config = BltConfig(**hf_config_from_config(cfg, hf_patcher_config(ecfg)))
+    hf = BltForCausalLM(hf_config)
+    assert hf.state_dict().keys() == hf_sd.keys()
+    hf.load_state_dict(hf_sd, strict=True)
+    back, back_patcher = state_dict_from_hf(hf.state_dict(), cfg)
+    assert all(torch.equal(back[k], v) for k, v in blt.state_dict().items())
+    assert all(torch.equal(back_patcher[k], v) for k, v in patcher_sd.items())
