@@ -67,22 +67,23 @@ HASH_PRIMES = (
 
 class BLTConfig(BaseModel):
     """Shape of the BLT, under the names of Meta's `ByteLatentTransformerArgs`. Defaults are
-    the released BLT-1B except where noted; only the options the released models use exist."""
+    the `100m` preset (the `blt-1b` preset is the released shape); only the options the released
+    models use exist."""
 
     model_config = ConfigDict(extra="forbid")
 
     vocab_size: int = Field(260, gt=0, description="256 bytes + 4 special ids")
-    dim_global: int = Field(2048, gt=0, description="width of the global transformer")
-    dim_local_encoder: int = Field(1024, gt=0, description="width of the local encoder")
-    dim_local_decoder: int = Field(1024, gt=0, description="width of the local decoder (= encoder)")
-    n_layers_global: int = Field(25, ge=0, description="transformer blocks over patches")
+    dim_global: int = Field(768, gt=0, description="width of the global transformer")
+    dim_local_encoder: int = Field(384, gt=0, description="width of the local encoder")
+    dim_local_decoder: int = Field(384, gt=0, description="width of the local decoder (= encoder)")
+    n_layers_global: int = Field(12, ge=0, description="transformer blocks over patches")
     n_layers_local_encoder: int = Field(1, ge=1, description="byte blocks in the local encoder")
-    n_layers_local_decoder: int = Field(9, ge=1, description="byte blocks in the local decoder")
-    n_heads_global: int = Field(16, gt=0, description="attention heads, global transformer")
-    n_heads_local_encoder: int = Field(16, gt=0, description="self-attention heads, local encoder")
-    n_heads_local_decoder: int = Field(16, gt=0, description="self-attention heads, local decoder")
+    n_layers_local_decoder: int = Field(4, ge=1, description="byte blocks in the local decoder")
+    n_heads_global: int = Field(12, gt=0, description="attention heads, global transformer")
+    n_heads_local_encoder: int = Field(6, gt=0, description="self-attention heads, local encoder")
+    n_heads_local_decoder: int = Field(6, gt=0, description="self-attention heads, local decoder")
     cross_attn_k: int = Field(2, gt=0, description="K: slots (vectors of D_local) per patch")
-    cross_attn_nheads: int = Field(16, gt=0, description="heads of every cross-attention")
+    cross_attn_nheads: int = Field(6, gt=0, description="heads of every cross-attention")
     cross_attn_all_layers_encoder: bool = Field(
         False, description="a cross-attention after every encoder block (else after the last)"
     )
@@ -98,7 +99,7 @@ class BLTConfig(BaseModel):
     encoder_hash_byte_group_size: list[int] = Field(
         [3, 4, 5, 6, 7, 8], min_length=1, description="n of each hash n-gram embedding table"
     )
-    encoder_hash_byte_group_vocab: int = Field(500002, gt=0, description="rows per hash table")
+    encoder_hash_byte_group_vocab: int = Field(8192, gt=0, description="rows per hash table")
     encoder_hash_byte_group_nb_functions: int = Field(
         1, ge=1, le=len(HASH_PRIMES), description="hash functions (tables per n)"
     )
