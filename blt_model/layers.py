@@ -238,8 +238,9 @@ class Attention(nn.Module):
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(num_rows, seq_len, dim))
 
-    def reset_parameters(self) -> None:
-        std = self.wq.in_features**-0.5
+    def reset_parameters(self, factor: float = 1.0) -> None:
+        # factor: Meta's depth scaling of the std (`init_std_factor`); 1 when disabled.
+        std = self.wq.in_features**-0.5 / factor
         for linear in (self.wq, self.wk, self.wv, self.wo):
             _trunc_normal_(linear.weight, std)
 
@@ -267,26 +268,35 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def reset_parameters(self) -> None:
-        _trunc_normal_(self.w1.weight, self.w1.in_features**-0.5)
-        _trunc_normal_(self.w3.weight, self.w3.in_features**-0.5)
-        _trunc_normal_(self.w2.weight, self.w2.in_features**-0.5)
+    def reset_parameters(self, factor: float = 1.0) -> None:
+        _trunc_normal_(self.w1.weight, self.w1.in_features**-0.5 / factor)
+        _trunc_normal_(self.w3.weight, self.w3.in_features**-0.5 / factor)
+        _trunc_normal_(self.w2.weight, self.w2.in_features**-0.5 / factor)
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
 
-    def __init__(self, dim: int, n_heads: int, ffn_dim_multiplier: float | None, norm_eps: float):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        ffn_dim_multiplier: float | None,
+        norm_eps: float,
+        multiple_of: int = 256,
+    ):
         super().__init__()
         self.attention_norm = RMSNorm(dim, norm_eps)
         self.attention = Attention(dim, n_heads)
         self.ffn_norm = RMSNorm(dim, norm_eps)
-        self.feed_forward = FeedForward(dim, ffn_hidden_dim(dim, ffn_dim_multiplier))
+        self.feed_forward = FeedForward(dim, ffn_hidden_dim(dim, ffn_dim_multiplier, multiple_of))
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: AttentionMask) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def reset_parameters(self) -> None:
-        for module in (self.attention_norm, self.attention, self.ffn_norm, self.feed_forward):
-            module.reset_parameters()
+    def reset_parameters(self, factor: float = 1.0) -> None:
+        self.attention_norm.reset_parameters()
+        self.attention.reset_parameters(factor)
+        self.ffn_norm.reset_parameters()
+        self.feed_forward.reset_parameters(factor)

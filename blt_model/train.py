@@ -226,8 +226,7 @@ def _close(batches) -> None:
 
 def build_model(cfg: TrainConfig, env: Distributed) -> BLT:
     torch.manual_seed(cfg.seed)
-    model = BLT(cfg.model)
-    model.init_weights()
+    model = BLT(cfg.model)  # initialised once, by BLT.__init__ (Meta's init_weights)
     model = model.to(env.device)
     return parallelize_blt(model, env, cfg.parallel, bf16=_bf16(env, cfg))
 
@@ -400,7 +399,14 @@ def register_checkpoint(registry: Registry, cfg: TrainConfig, data: Manifest, jo
 def load_trained_blt(registry: Registry, ref: str, device: str | torch.device = "cpu") -> tuple[BLT, Manifest]:
     """A registered `blt-checkpoint` as a plain BLT in one process (DCP reshards the save)."""
     manifest = registry.resolve(ref, area="models", kind="blt-checkpoint")
-    model = BLT(BLTConfig.model_validate(manifest.params["model"]))
+    try:
+        config = BLTConfig.model_validate(manifest.params["model"])
+    except ValueError as err:  # e.g. saved by the BLT-like architecture before Meta's
+        raise TrainingError(
+            f"{ref}: its model config does not describe a BLT this version builds "
+            f"(an earlier architecture?): {err}"
+        ) from None
+    model = BLT(config)
     folder = f"{registry.dataset_dir(manifest.name, area='models')}/{manifest.params['checkpoint']}"
     load_checkpoint(registry.store, folder, model, None)
     return model.to(device).eval(), manifest
