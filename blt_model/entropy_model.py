@@ -37,14 +37,17 @@ from typing import Any, Mapping
 
 import fsspec
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from blt_data.entropy import entropies_from_hidden
 from blt_model.layers import (
     RMSNorm,
     TransformerBlock,
+    apply_rope,
     build_attention_mask,
     ffn_hidden_dim,
     rope_cos_sin,
@@ -480,3 +483,60 @@ def read_entropy_model_source(url: str) -> EntropyModelSource:
     model = EntropyModel(model_config)
     load_checked_state_dict(model, state_dict, source)
     return EntropyModelSource(model.eval(), layout, [CONFIG_FILE, *files], digest.hexdigest(), threshold, patching)
+
+
+class EntropyStream:
+    """One document scored a few tokens at a time, for generation: each `feed` runs the model
+    on the new tokens only, against a rolling cache of every layer's keys/values for the last
+    `window - 1` tokens, so the cost per token does not grow with the document.
+
+    Exact, not approximate: in every layer a token attends to itself and the `window - 1`
+    tokens before it, and a cached key/value is that layer's projection of a token's input,
+    which was computed with its own full window when the token was fed. So `feed` gives the
+    entropies `score_document_alone` gives, up to float rounding (tested to 1e-5 in fp32).
+    Token i is at RoPE position i, as in the full forward.
+    """
+
+    def __init__(self, model: EntropyModel):
+        self.model = model
+        self.position = 0  # tokens fed so far
+        self._keep = model.config.window - 1  # cached tokens per layer
+        # Per layer (keys, values), (1, H, <= window - 1, head_dim), RoPE already applied to keys.
+        self._cache: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * model.config.n_layers
+
+    @torch.no_grad()
+    def feed(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """Entropies (nats, fp32, on the model's device) of the prediction at each new token:
+        the value at token i is H(token i + 1 | tokens <= i); with BOS first that is
+        `entropies[i]` of DESIGN.md §4. Long inputs go in pieces of one window."""
+        tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)
+        out = [self._feed(tokens[i : i + self.model.config.window]) for i in range(0, tokens.numel(), self.model.config.window)]
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        device = model.output.weight.device
+        new = tokens.numel()
+        positions = torch.arange(self.position, self.position + new, device=device)
+        rope = rope_cos_sin(positions[None], model.head_dim, cfg.rope_theta)
+        h = model.tok_embeddings(tokens.to(device))[None]  # (1, L, dim)
+        for i, layer in enumerate(model.layers):
+            attention = layer.attention
+            x = layer.attention_norm(h)
+            split = lambda t: t.view(1, new, cfg.n_heads, model.head_dim)  # noqa: E731
+            q = apply_rope(split(attention.wq(x)), rope).transpose(1, 2)  # (1, H, L, head_dim)
+            k = apply_rope(split(attention.wk(x)), rope).transpose(1, 2)
+            v = split(attention.wv(x)).transpose(1, 2)
+            if self._cache[i] is not None:
+                k = torch.cat((self._cache[i][0], k), dim=2)
+                v = torch.cat((self._cache[i][1], v), dim=2)
+            # Keys are the cached tokens then the new ones, ending at the newest position.
+            key_positions = torch.arange(self.position + new - k.shape[2], self.position + new, device=device)
+            distance = positions[:, None] - key_positions[None, :]
+            visible = (distance >= 0) & (distance < cfg.window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            h = h + attention.wo(out.transpose(1, 2).reshape(1, new, cfg.dim))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+            self._cache[i] = (k[:, :, k.shape[2] - self._keep :], v[:, :, v.shape[2] - self._keep :])
+        self.position += new
+        return entropies_from_hidden(model.output, model.norm(h)[0])
