@@ -80,13 +80,41 @@ def blt_model(seed=0) -> BLT:
     return BLT(load_blt_preset("debug")).eval()
 
 
+class MetaAlignedDecoder(torch.nn.Module):
+    """A small stand-in with Meta's decoder alignment and nothing else: the logits at position t
+    read the mean embedding of the patch before the patch of token t + 1 (the last position
+    reads its own patch). Under it, unlike under a decoder that reads the patches before t's
+    own, the logits for byte n depend on whether byte n starts a patch, so it checks the
+    generator's patch_lengths (the placeholder byte, both patchings under `space`)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(260, 16)
+        self.out = torch.nn.Linear(32, 260)
+
+    def forward(self, tokens, patch_lengths, doc_ids):
+        num_rows, seq_len = tokens.shape
+        e = self.embed(tokens)  # (B, T, 16)
+        logits = []
+        for row in range(num_rows):
+            lengths = patch_lengths[row][patch_lengths[row] > 0]
+            patch_ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)  # (T,)
+            pooled = torch.zeros(lengths.numel(), 16).index_add(0, patch_ids, e[row]) / lengths[:, None]
+            seen = torch.cat([patch_ids[1:] - 1, patch_ids[-1:]])  # patch before patch(t + 1)
+            logits.append(self.out(torch.cat([e[row], pooled[seen]], dim=-1)))
+        return torch.stack(logits)
+
+
+@pytest.mark.parametrize("model_kind", ["blt", "meta-aligned"])
 @pytest.mark.parametrize(
     "cfg",
     [PatchConfig(scheme="entropy", threshold=3.0, max_patch_length=6), PatchConfig(scheme="space"), PatchConfig(scheme="static", patch_size=3)],
     ids=lambda c: c.scheme,
 )
-def test_generation_patches_and_logits_match_the_finished_text(cfg):
-    model, scorer = blt_model(), entropy_model(window=8)
+def test_generation_patches_and_logits_match_the_finished_text(cfg, model_kind):
+    model = blt_model() if model_kind == "blt" else MetaAlignedDecoder()
+    scorer = entropy_model(window=8)
     prompt = "def f(x):\n    return x + 1 # a naïve ".encode()
     result = generate(model, scorer, cfg, prompt, max_bytes=40, temperature=1.0, seed=3, keep_logits=True)
     text = result.text
@@ -106,6 +134,17 @@ def test_generation_patches_and_logits_match_the_finished_text(cfg):
         full = model(tokens, lengths, torch.zeros_like(tokens))[0]
     steps = torch.stack(result.step_logits)
     torch.testing.assert_close(steps, full[len(prompt) : len(text)].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_alignment_makes_the_next_start_matter():
+    """The check above is not vacuous: under Meta's alignment the two patchings of byte n give
+    different logits at position n."""
+    model = MetaAlignedDecoder()
+    tokens = torch.tensor([[BOS_ID, *(b + BYTE_OFFSET for b in b"a, "), BYTE_OFFSET]] * 2)
+    lengths = torch.tensor([[1, 3, 1], [1, 4, 0]])  # byte 3 starts a patch / joins the last
+    with torch.no_grad():
+        logits = model(tokens, lengths, torch.zeros_like(tokens))[:, -2]
+    assert (logits[0] - logits[1]).abs().max() > 1e-2
 
 
 def test_generation_without_entropy_model_for_entropy_rule_is_refused():
