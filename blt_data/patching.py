@@ -397,3 +397,68 @@ def _cut(lengths: np.ndarray, num: np.ndarray, m: int) -> tuple[np.ndarray, np.n
     bounds = np.zeros(num.size + 1, dtype=np.int64)
     np.cumsum(num, out=bounds[1:])
     return out, np.diff(cum[bounds])
+
+
+WORD_BYTES = _BYTE_CLASS == _WORD  # (256,) bool: the `space` rule's word bytes
+
+
+class PatchStream:
+    """The patch rule applied one byte at a time, for generation: after `push`ing bytes
+    0..n-1, `lengths` equals ``patch_lengths(bytes, entropies, cfg)`` of those bytes, and
+    `starts_patch` says whether byte n would start a patch, before it is known where that
+    depends only on its entropy (tested against `patch_lengths` on every prefix).
+
+    Entropies are compared exactly as the patch job compares them: rounded to float16 (the
+    stored value), against the float64 threshold; monotonic differences in float64.
+    """
+
+    def __init__(self, cfg: PatchConfig):
+        if cfg.scheme in ENTROPY_SCHEMES and cfg.threshold is None:
+            raise ValueError(f"scheme {cfg.scheme!r} needs a threshold (set it, or calibrate one)")
+        self.cfg = cfg
+        self.lengths: list[int] = []  # patch lengths of the bytes pushed so far
+        self.num_bytes = 0
+        self._rule_start = 0  # the last byte the rule itself (before max_patch_length) started
+        self._prev_entropy: float | None = None
+        self._prev_byte: int | None = None
+
+    def _rule_starts(self, entropy: float | None, byte: int | None) -> bool:
+        n, cfg = self.num_bytes, self.cfg
+        if n == 0 or cfg.scheme == "byte":
+            return True
+        if cfg.scheme == "static":
+            return n % cfg.patch_size == 0
+        if cfg.scheme == "space":
+            if byte is None:
+                raise ValueError("the space rule needs the byte")
+            return bool(_BYTE_CLASS[self._prev_byte] == _DELIMITER and _BYTE_CLASS[byte] == _WORD)
+        if entropy is None:
+            raise ValueError(f"scheme {cfg.scheme!r} needs the byte's entropy")
+        e = float(np.float16(entropy))
+        if cfg.scheme == "entropy":
+            return e > cfg.threshold
+        return e - self._prev_entropy > cfg.threshold
+
+    def starts_patch(self, entropy: float | None = None, byte: int | None = None) -> bool:
+        """Whether byte `num_bytes` starts a patch; entropy: its entropy (entropy schemes),
+        byte: its value (`space` only)."""
+        if self._rule_starts(entropy, byte):
+            return True
+        m = self.cfg.max_patch_length
+        return m is not None and (self.num_bytes - self._rule_start) % m == 0
+
+    def push(self, byte: int, entropy: float | None = None) -> bool:
+        """Append byte `num_bytes`; returns whether it started a patch."""
+        rule = self._rule_starts(entropy, byte)
+        m = self.cfg.max_patch_length
+        start = rule or (m is not None and (self.num_bytes - self._rule_start) % m == 0)
+        if rule:
+            self._rule_start = self.num_bytes
+        if start:
+            self.lengths.append(1)
+        else:
+            self.lengths[-1] += 1
+        self.num_bytes += 1
+        self._prev_byte = byte
+        self._prev_entropy = float(np.float16(entropy)) if entropy is not None else None
+        return start
