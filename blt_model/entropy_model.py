@@ -25,7 +25,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from blt_model.layers import RMSNorm, TransformerBlock, build_attention_mask, rope_cos_sin
+from blt_model.layers import KVSlot, RMSNorm, TransformerBlock, build_attention_mask, rope_cos_sin
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -63,7 +63,7 @@ class EntropyModel(nn.Module):
         self.window = config.window
         self.max_seqlen = config.max_seqlen
         # Stacked sliding windows: a token's output depends on up to this many tokens before it.
-        self.context_tokens = config.n_layers * (config.window - 1)
+        self.context_tokens = self.context_tokens_of(config)
         self.head_dim = config.dim // config.n_heads
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(
@@ -73,6 +73,10 @@ class EntropyModel(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
+
+    @staticmethod
+    def context_tokens_of(config: EntropyModelConfig) -> int:
+        return config.n_layers * (config.window - 1)
 
     def reset_parameters(self) -> None:
         # Meta's init: truncated normals with std dim^-0.5 (fan-in for the FFN output).
@@ -84,18 +88,40 @@ class EntropyModel(nn.Module):
             layer.reset_parameters()
 
     def hidden(
-        self, tokens: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        doc_ids: torch.Tensor,
+        positions: torch.Tensor,
+        carry: Any = None,
     ) -> torch.Tensor:
         """Final hidden states (after the final norm), (B, S, dim), for packed rows.
 
         tokens, doc_ids, positions: (B, S) integers. Tokens with equal doc id form one document
         segment whose positions count up by one; `output` maps the result to logits.
+        carry: rows that continue the previous batch's rows (`blt_data.entropy.Carry`): its
+            `rows`, `doc_ids` and `positions` (B, window) describe the `window` keys each row
+            carries in; its `layers` (one `KVSlot` per layer, of the previous batch, or None)
+            are read, then replaced by this batch's, for the next batch.
         """
-        mask = build_attention_mask(doc_ids, positions, self.window)
+        slots = [None] * len(self.layers)
+        carried_doc_ids = carried_positions = None
+        if carry is not None:
+            previous = carry.layers or [KVSlot(self.window) for _ in self.layers]
+            slots = [slot.select(carry.rows) for slot in previous]
+            carried_doc_ids, carried_positions = carry.doc_ids, carry.positions
+        mask = build_attention_mask(
+            doc_ids,
+            positions,
+            self.window,
+            carried_doc_ids=carried_doc_ids,
+            carried_positions=carried_positions,
+        )
         rope = rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, rope, mask)
+        for layer, slot in zip(self.layers, slots, strict=True):
+            h = layer(h, rope, mask, slot)
+        if carry is not None:
+            carry.layers = slots
         return self.norm(h)
 
     def forward(

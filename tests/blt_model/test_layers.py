@@ -5,6 +5,7 @@ import torch
 
 from blt_model.layers import (
     Attention,
+    KVSlot,
     RMSNorm,
     TransformerBlock,
     apply_rope,
@@ -179,6 +180,48 @@ def test_local_blocked_attention_matches_dense_sdpa(seq_len, window):
         grads.append(grad)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["dense", "local", "flex"])
+def test_carried_keys_continue_rows_exactly(backend):
+    """Rows cut in two, the second part taking over the first part's last W keys and values
+    (KVSlot), give the outputs of the whole rows at once, on every mask backend."""
+    torch.manual_seed(0)
+    window, first = 8, 24
+    doc_ids, positions = packed_rows(2, 64, seed=7)
+    block = TransformerBlock(32, 4, 1.0, 1e-5)
+    x = torch.randn(2, 64, 32)
+    rope = rope_cos_sin(positions, 8)
+    options = {"flex": backend == "flex", "local": backend == "local"}
+    with torch.no_grad():
+        whole = block(x, rope, build_attention_mask(doc_ids, positions, window, **options))
+        slot = KVSlot(window)
+        outs = []
+        carried = (torch.full((2, window), -2), torch.zeros(2, window, dtype=torch.int64))
+        for part in (slice(0, first), slice(first, None)):
+            mask = build_attention_mask(
+                doc_ids[:, part],
+                positions[:, part],
+                window,
+                carried_doc_ids=carried[0],
+                carried_positions=carried[1],
+                **options,
+            )
+            outs.append(block(x[:, part], rope_cos_sin(positions[:, part], 8), mask, slot))
+            carried = (doc_ids[:, first - window : first], positions[:, first - window : first])
+    assert slot.keys.shape == (2, 4, window, 8)
+    torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_local_mask_carries_at_most_a_window():
+    doc_ids, positions = packed_rows(1, 32, seed=0)
+    carried = torch.zeros(1, 9, dtype=torch.int64)
+    with pytest.raises(ValueError, match="at most the window"):
+        build_attention_mask(
+            doc_ids, positions, 8, flex=False, local=True,
+            carried_doc_ids=carried, carried_positions=carried,
+        )
 
 
 def test_cpu_default_mask_is_blocked_for_short_windows():
