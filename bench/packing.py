@@ -10,9 +10,11 @@ re-read at cuts (carry off) and padding. Documents are scored in units of `--uni
 each (one `score_entropies` call per unit, as the patch job does), so each unit ends with a
 ragged tail.
 
-Two paths on the same documents:
+Paths on the same documents:
   ours   blt_data.entropy.pack_batches with the model's context and the given row shape,
-         with keys/values carried across batches (`carry`) and without (re-read context)
+         with keys/values carried across batches (`carry`) and without (`reread` context);
+         `long`: the alternative to carry, re-read context in one row of --long-rows rows'
+         tokens (O(S*W) attention makes long rows cost no more per token)
   meta   Meta's per-document path (bytelatent/preprocess/preprocess_entropies.py ->
          calculate_entropies): each document's n + 2 tokens (BOS, bytes, EOS) padded up to a
          multiple of max_seqlen, rows scored independently
@@ -31,20 +33,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sysconfig
 import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from blt_data.download import _stdlib_source
 from blt_data.entropy import pack_batches
 from blt_model.entropy_model import EntropyModel
 from blt_model.train_entropy import build_train_entropy_config
 
 
 def stdlib_sources() -> list[Path]:
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    """The files `blt-data download stdlib` reads (site-packages left out)."""
+    return [Path(f) for f in _stdlib_source().files]
 
 
 def anchor_documents(total_bytes: int, seed: int = 0) -> list[bytes]:
@@ -70,7 +73,16 @@ def anchor_documents(total_bytes: int, seed: int = 0) -> list[bytes]:
 
 
 def stdlib_documents() -> list[bytes]:
-    return [p.read_bytes() for p in stdlib_sources()]
+    docs = [p.read_bytes() for p in stdlib_sources()]
+    return [d for d in docs if _utf8(d)]  # the download step quarantines the others
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def file_documents(path: str) -> list[bytes]:
@@ -117,7 +129,7 @@ def ours(docs, config, row_len, batch_rows, unit_bytes, carry) -> dict:
         ):
             counts["positions"] += batch.num_tokens
             counts["new"] += batch.output_index.numel()
-            counts["pad"] += batch.num_pad_tokens
+            counts["pad"] += int((batch.doc_ids.numpy() < 0).sum())
             counts["batches"] += 1
     counts["context"] = counts["positions"] - counts["new"] - counts["pad"]
     return counts
@@ -127,7 +139,9 @@ def meta(docs, max_seqlen) -> dict:
     tokens = np.array([len(d) + 2 for d in docs], dtype=np.int64)  # BOS + bytes + EOS
     positions = int((-(-tokens // max_seqlen) * max_seqlen).sum())
     new = int(tokens.sum()) - 2 * len(docs)
-    return dict(positions=positions, new=new, pad=positions - int(tokens.sum()), context=0)
+    pad = positions - int(tokens.sum())
+    # patching_batch_size = 32 rows in preprocess_entropies.py (the batch shape changes nothing here)
+    return dict(positions=positions, new=new, pad=pad, context=0, row_len=max_seqlen, batch_rows=32)
 
 
 def fractions(counts: dict) -> dict:
@@ -150,6 +164,7 @@ def main() -> None:
     parser.add_argument("--unit-mb", type=float, default=16.0, help="text per scoring call, MB")
     parser.add_argument("--row-len", type=int, default=None, help="default: the model's max_seqlen")
     parser.add_argument("--batch-rows", type=int, default=8)
+    parser.add_argument("--long-rows", type=int, default=32, help="rows per long row (path `long`)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "packing.json"))
     args = parser.parse_args()
 
@@ -174,11 +189,16 @@ def main() -> None:
                 "median_bytes": float(np.median(lengths)),
                 "mean_bytes": float(lengths.mean()),
             }
-            for carry in (True, False):
+            paths = {
+                "ours_carry": (row_len, args.batch_rows, True),
+                "ours_reread": (row_len, args.batch_rows, False),
+                "ours_long": (row_len * args.long_rows, 1, False),
+            }
+            for path, (length, rows, carry) in paths.items():
                 start = time.perf_counter()
-                counts = ours(docs, config, row_len, args.batch_rows, result["unit_bytes"], carry)
+                counts = ours(docs, config, length, rows, result["unit_bytes"], carry)
                 counts["pack_seconds"] = time.perf_counter() - start
-                result["ours_carry" if carry else "ours_reread"] = fractions(counts)
+                result[path] = fractions(counts) | {"row_len": length, "batch_rows": rows}
             result["meta"] = fractions(meta(docs, config.max_seqlen))
             results.append(result)
 
@@ -186,9 +206,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in results:
-        shape = f"{r['batch_rows']}x{r['row_len']}"
-        for path in ("ours_carry", "ours_reread", "meta"):
+        for path in ("ours_carry", "ours_reread", "ours_long", "meta"):
             f = r[path]
+            shape = f"{f.get('batch_rows', 1)}x{f.get('row_len', r['config']['max_seqlen'])}"
             print(
                 f"{r['model']:<8} {Path(r['corpus']).name[:8]:<8} {r['documents']:>7} "
                 f"{r['bytes'] / 1e6:>7.1f} {shape:>12} {path.removeprefix('ours_'):<7} "
