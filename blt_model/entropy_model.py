@@ -37,17 +37,16 @@ from typing import Any, Mapping
 
 import fsspec
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from blt_data.entropy import entropies_from_hidden
+from blt_data.entropy import HIDDEN_DOC_ID, Carry, entropies_from_hidden
 from blt_model.layers import (
+    KVSlot,
     RMSNorm,
     TransformerBlock,
-    apply_rope,
     build_attention_mask,
     ffn_hidden_dim,
     rope_cos_sin,
@@ -90,7 +89,7 @@ class EntropyModel(nn.Module):
         self.window = config.window
         self.max_seqlen = config.max_seqlen
         # Stacked sliding windows: a token's output depends on up to this many tokens before it.
-        self.context_tokens = config.n_layers * (config.window - 1)
+        self.context_tokens = self.context_tokens_of(config)
         self.head_dim = config.dim // config.n_heads
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(
@@ -100,6 +99,10 @@ class EntropyModel(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
+
+    @staticmethod
+    def context_tokens_of(config: EntropyModelConfig) -> int:
+        return config.n_layers * (config.window - 1)
 
     def reset_parameters(self) -> None:
         # Meta's init: truncated normals with std dim^-0.5 (fan-in for the FFN output).
@@ -111,18 +114,40 @@ class EntropyModel(nn.Module):
             layer.reset_parameters()
 
     def hidden(
-        self, tokens: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        doc_ids: torch.Tensor,
+        positions: torch.Tensor,
+        carry: Any = None,
     ) -> torch.Tensor:
         """Final hidden states (after the final norm), (B, S, dim), for packed rows.
 
         tokens, doc_ids, positions: (B, S) integers. Tokens with equal doc id form one document
         segment whose positions count up by one; `output` maps the result to logits.
+        carry: rows that continue the previous batch's rows (`blt_data.entropy.Carry`): its
+            `rows`, `doc_ids` and `positions` (B, window) describe the `window` keys each row
+            carries in; its `layers` (one `KVSlot` per layer, of the previous batch, or None)
+            are read, then replaced by this batch's, for the next batch.
         """
-        mask = build_attention_mask(doc_ids, positions, self.window)
+        slots = [None] * len(self.layers)
+        carried_doc_ids = carried_positions = None
+        if carry is not None:
+            previous = carry.layers or [KVSlot(self.window) for _ in self.layers]
+            slots = [slot.select(carry.rows) for slot in previous]
+            carried_doc_ids, carried_positions = carry.doc_ids, carry.positions
+        mask = build_attention_mask(
+            doc_ids,
+            positions,
+            self.window,
+            carried_doc_ids=carried_doc_ids,
+            carried_positions=carried_positions,
+        )
         rope = rope_cos_sin(positions, self.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, rope, mask)
+        for layer, slot in zip(self.layers, slots, strict=True):
+            h = layer(h, rope, mask, slot)
+        if carry is not None:
+            carry.layers = slots
         return self.norm(h)
 
     def forward(
@@ -487,22 +512,20 @@ def read_entropy_model_source(url: str) -> EntropyModelSource:
 
 class EntropyStream:
     """One document scored a few tokens at a time, for generation: each `feed` runs the model
-    on the new tokens only, against a rolling cache of every layer's keys/values for the last
-    `window - 1` tokens, so the cost per token does not grow with the document.
+    on the new tokens only, as a row that continues the previous feed's row with the keys and
+    values it carries (`hidden(carry=...)`, the same carry that packed scoring uses across
+    batches), so the cost per token does not grow with the document.
 
     Exact, not approximate: in every layer a token attends to itself and the `window - 1`
-    tokens before it, and a cached key/value is that layer's projection of a token's input,
-    which was computed with its own full window when the token was fed. So `feed` gives the
-    entropies `score_document_alone` gives, up to float rounding (tested to 1e-5 in fp32).
-    Token i is at RoPE position i, as in the full forward.
+    tokens before it, all of them carried. So `feed` gives the entropies
+    `score_document_alone` gives, up to float rounding (tested to 1e-5 in fp32). Token i is at
+    RoPE position i, as in the full forward.
     """
 
     def __init__(self, model: EntropyModel):
         self.model = model
         self.position = 0  # tokens fed so far
-        self._keep = model.config.window - 1  # cached tokens per layer
-        # Per layer (keys, values), (1, H, <= window - 1, head_dim), RoPE already applied to keys.
-        self._cache: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * model.config.n_layers
+        self._layers: list | None = None  # the carried keys/values (one KVSlot per layer)
 
     @torch.no_grad()
     def feed(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
@@ -514,29 +537,20 @@ class EntropyStream:
         return torch.cat(out) if out else torch.zeros(0)
 
     def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        model, cfg = self.model, self.model.config
+        model, window = self.model, self.model.window
         device = model.output.weight.device
         new = tokens.numel()
-        positions = torch.arange(self.position, self.position + new, device=device)
-        rope = rope_cos_sin(positions[None], model.head_dim, cfg.rope_theta)
-        h = model.tok_embeddings(tokens.to(device))[None]  # (1, L, dim)
-        for i, layer in enumerate(model.layers):
-            attention = layer.attention
-            x = layer.attention_norm(h)
-            split = lambda t: t.view(1, new, cfg.n_heads, model.head_dim)  # noqa: E731
-            q = apply_rope(split(attention.wq(x)), rope).transpose(1, 2)  # (1, H, L, head_dim)
-            k = apply_rope(split(attention.wk(x)), rope).transpose(1, 2)
-            v = split(attention.wv(x)).transpose(1, 2)
-            if self._cache[i] is not None:
-                k = torch.cat((self._cache[i][0], k), dim=2)
-                v = torch.cat((self._cache[i][1], v), dim=2)
-            # Keys are the cached tokens then the new ones, ending at the newest position.
-            key_positions = torch.arange(self.position + new - k.shape[2], self.position + new, device=device)
-            distance = positions[:, None] - key_positions[None, :]
-            visible = (distance >= 0) & (distance < cfg.window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-            h = h + attention.wo(out.transpose(1, 2).reshape(1, new, cfg.dim))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-            self._cache[i] = (k[:, :, k.shape[2] - self._keep :], v[:, :, v.shape[2] - self._keep :])
+        # The `window` carried keys are the tokens just before this feed; those before the
+        # document's start do not exist and are hidden.
+        carried = torch.arange(self.position - window, self.position, device=device)[None]
+        carry = Carry(
+            rows=torch.tensor([0 if self.position else -1], device=device),
+            doc_ids=torch.where(carried >= 0, 0, HIDDEN_DOC_ID),
+            positions=carried.clamp(min=0),
+            layers=self._layers,
+        )
+        positions = torch.arange(self.position, self.position + new, device=device)[None]
+        h = model.hidden(tokens.to(device)[None], torch.zeros_like(positions), positions, carry=carry)
+        self._layers = carry.layers
         self.position += new
-        return entropies_from_hidden(model.output, model.norm(h)[0])
+        return entropies_from_hidden(model.output, h[0])
