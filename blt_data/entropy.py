@@ -32,10 +32,11 @@ never crosses documents (per-token doc ids in the mask, carried keys included), 
 output sees its full receptive field, and RoPE is relative, so where a piece lands changes
 nothing but float rounding; the result equals `score_document_alone` within float tolerance.
 
-NOTE: a document of n bytes gives n scored positions (inputs BOS, bytes 0..n-2). One more
-position per document, H(next | whole document) for the end-of-document entropy, is one more
-input token (byte n-1) in `document_tokens`; packing, carry and unpacking count positions, not
-bytes, and need no change for it.
+A document of n bytes gives n scored positions (inputs BOS, bytes 0..n-2), or n + 1 with
+`eos=True`: the last input is byte n-1 and its prediction's entropy is the end-of-document
+entropy H(next | whole document), Meta's value n, which decides whether EOS joins the last patch
+(an empty document then has one position, BOS). Packing, carry and unpacking count positions,
+not bytes, so the extra one is scored exactly like the others.
 
 This module does not import `blt_model`: any object satisfying `ScoringModel` can be scored,
 e.g. `blt_model.entropy_model.EntropyModel`.
@@ -86,15 +87,17 @@ class ScoringModel(Protocol):
     ) -> torch.Tensor: ...
 
 
-def document_tokens(text: str | bytes) -> np.ndarray:
-    """Input tokens for a document of n bytes: BOS then bytes 0..n-2 (the last byte is never
-    an input, as nothing after it is scored). Length n; int16, as ids stay below 260 and a
-    long document is held whole while its pieces are packed."""
+def document_tokens(text: str | bytes, eos: bool = False) -> np.ndarray:
+    """Input tokens for a document of n bytes: BOS then bytes 0..n-2 (length n: nothing after
+    the last byte is scored), or with `eos` BOS then bytes 0..n-1 (length n + 1: the last
+    prediction is the end-of-document entropy's). int16, as ids stay below 260 and a long
+    document is held whole while its pieces are packed."""
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    tokens = np.empty(len(data), dtype=np.int16)
-    if data:
+    inputs = data if eos else data[:-1]
+    tokens = np.empty(len(inputs) + (1 if data or eos else 0), dtype=np.int16)
+    if len(tokens):
         tokens[0] = BOS_ID
-        tokens[1:] = np.frombuffer(data, dtype=np.uint8)[:-1].astype(np.int16) + BYTE_OFFSET
+        tokens[1:] = np.frombuffer(inputs, dtype=np.uint8).astype(np.int16) + BYTE_OFFSET
     return tokens
 
 
@@ -253,8 +256,10 @@ def pack_batches(
     row_len: int,
     batch_rows: int,
     carry: int | None = None,
+    eos: bool = False,
 ) -> Iterator[PackedBatch]:
     """Pack documents into batches of at most `batch_rows` rows of `row_len` tokens.
+    eos: score the end-of-document position too (see `document_tokens`).
 
     carry (the model's window W): a piece that continues a document opens a row of the next
     batch and takes over the last W keys of the row it continues (see `Carry`); only rows whose
@@ -262,7 +267,7 @@ def pack_batches(
     `context_tokens` tokens before it, and only the tail of the last batch's last row is padded.
     """
     if carry is not None:
-        yield from _pack_carried(texts, row_len, batch_rows, carry)
+        yield from _pack_carried(texts, row_len, batch_rows, carry, eos)
         return
     if row_len <= context_tokens:
         raise ValueError(
@@ -270,7 +275,7 @@ def pack_batches(
         )
     builder = _BatchBuilder(row_len, batch_rows)
     for doc, text in enumerate(texts):
-        tokens = document_tokens(text)
+        tokens = document_tokens(text, eos)
         builder.new_docs.append((doc, len(tokens)))
         start = 0
         while start < len(tokens):
@@ -288,7 +293,7 @@ def pack_batches(
 
 
 def _pack_carried(
-    texts: Iterable[str | bytes], row_len: int, batch_rows: int, window: int
+    texts: Iterable[str | bytes], row_len: int, batch_rows: int, window: int, eos: bool
 ) -> Iterator[PackedBatch]:
     if row_len < window:
         raise ValueError(f"row_len {row_len} must be at least the model's window of {window} tokens")
@@ -313,7 +318,7 @@ def _pack_carried(
                         exhausted = True
                         break
                     doc, text = item
-                    tokens, start = document_tokens(text), 0
+                    tokens, start = document_tokens(text, eos), 0
                     builder.new_docs.append((doc, len(tokens)))
                     if not len(tokens):
                         doc = None
@@ -401,8 +406,10 @@ def score_entropies(
     chunk_tokens: int = 4096,
     prefetch_batches: int = 2,
     carry: bool = True,
+    eos: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Per-byte entropies (float32, nats) of each document, yielded in input order.
+    """Per-byte entropies (float32, nats) of each document, yielded in input order; with `eos`
+    one more value at the end, the end-of-document entropy (n + 1 values for n bytes).
 
     Streams: texts are read on a background thread only as fast as batches are consumed.
     row_len: tokens per row (default: the model's `max_seqlen`, else 2048); at least the
@@ -421,6 +428,7 @@ def score_entropies(
         row_len=row_len,
         batch_rows=batch_rows,
         carry=int(model.window) if carry else None,
+        eos=eos,
     )
     if device.type == "cuda":
         packed = map(_pin, packed)
@@ -476,12 +484,14 @@ def score_document_alone(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    eos: bool = False,
 ) -> np.ndarray:
-    """Reference: the whole document as one unpacked row with the sliding-window mask.
+    """Reference: the whole document as one unpacked row with the sliding-window mask
+    (with `eos`, n + 1 values as in `score_entropies`).
 
     Memory grows with the square of the document length on the SDPA path; use it for tests.
     """
-    tokens = torch.from_numpy(document_tokens(text).astype(np.int64))
+    tokens = torch.from_numpy(document_tokens(text, eos).astype(np.int64))
     if tokens.numel() == 0:
         return np.zeros(0, dtype=np.float32)
     device = torch.device(device) if device is not None else _model_device(model)

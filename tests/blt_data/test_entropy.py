@@ -86,6 +86,26 @@ def test_packed_scoring_equals_scoring_alone(documents, model, carry):
         np.testing.assert_allclose(entropies, score_document_alone(model, doc), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("carry", [True, False])
+def test_end_of_document_entropy(documents, model, carry):
+    """With eos, n + 1 values: the n byte entropies unchanged, then H(next | whole document),
+    checked against the model's own logits at the last byte (an independent forward)."""
+    assert document_tokens("", eos=True).tolist() == [BOS_ID]
+    assert document_tokens(b"\x00z", eos=True).tolist() == [BOS_ID, 0 + BYTE_OFFSET, ord("z") + BYTE_OFFSET]
+    plain = list(score_entropies(model, documents, row_len=ROW_LEN, batch_rows=4, carry=carry))
+    with_eos = list(score_entropies(model, documents, row_len=ROW_LEN, batch_rows=3, carry=carry, eos=True))
+    for doc, entropies, full in zip(documents, plain, with_eos, strict=True):
+        data = as_bytes(doc)
+        assert full.shape == (len(data) + 1,)
+        np.testing.assert_allclose(full[:-1], entropies, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(full, score_document_alone(model, doc, eos=True), atol=1e-4, rtol=0)
+        if len(data) <= 3 * model.window:  # a full unpacked forward, cheap for short documents
+            tokens = torch.tensor([[BOS_ID, *(b + BYTE_OFFSET for b in data)]])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(tokens)[0, -1].float(), -1)
+            assert abs(float(-(log_probs.exp() * log_probs).sum()) - full[-1]) < 1e-4
+
+
 def test_batch_invariance(documents, model):
     """A document's entropies do not depend on its neighbours, row length or batch size."""
     reference = list(score_entropies(model, documents, row_len=ROW_LEN, batch_rows=4))
