@@ -14,7 +14,7 @@ Key-value metadata of every part (Parquet footer, through the Arrow schema):
 
 NOTE: DESIGN.md asks for "the id of the manifest it belongs to". A manifest id is
 ``name@vN:job_id`` and N is only known when the manifest wins its put-if-absent, after every part
-is written, so a part carries the two stable halves (dataset name and job id); ``verify_patches``
+is written, so a part carries the two stable halves (dataset name and job id); ``blt_data.verify``
 checks them against the manifest. Writing a part is deterministic: the same rows, dataset and job
 give the same bytes, so a recomputed unit has the same sha256.
 
@@ -24,7 +24,6 @@ Invariant: a part is published whole (``Store.create``); readers never see half 
 from __future__ import annotations
 
 import io
-import json
 from typing import Iterator
 
 import numpy as np
@@ -215,72 +214,3 @@ class UnitStats(BaseModel):
             patch_length_histogram=self.patch_length_histogram,
             entropy_quantiles=self.entropy_quantiles(),
         )
-
-
-def input_ids(registry: Registry, manifest: Manifest, chunks: list[int] | None = None) -> list[str]:
-    """Document ids of a documents or patches dataset (or of some chunks of a shuffled
-    documents dataset), in manifest order."""
-    if manifest.kind == "patches":
-        return [i for _, t in iter_tables(registry, manifest, ["id"]) for i in t.column("id").to_pylist()]
-    from blt_data.documents import iter_lines
-    from blt_data.shuffle import chunk_parts
-
-    return [
-        json.loads(line)["id"]
-        for part in chunk_parts(manifest, chunks)
-        for line in iter_lines(registry.store, registry.part_path(manifest, part))
-    ]
-
-
-def verify_patches(registry: Registry, manifest: Manifest) -> list[str]:
-    """Content checks of a patches dataset beyond hashes and row counts: the footer names this
-    job, patch lengths are positive and sum to each text's UTF-8 length, entropies (when stored)
-    count one per byte, ids are unique and equal to the input dataset's, statistics add up."""
-    problems: list[str] = []
-    ids: list[str] = []
-    total = UnitStats()
-    for part in manifest.parts:
-        rel = registry.part_path(manifest, part)
-        meta = part_metadata(registry.store, rel)
-        if meta.get("blt.job_id") != manifest.job_id or meta.get("blt.dataset") != manifest.name:
-            problems.append(f"{part.path}: footer names {meta.get('blt.dataset')}/{meta.get('blt.job_id')}, not {manifest.name}/{manifest.job_id}")
-        table = read_part(registry.store, rel)
-        lengths = byte_lengths(table.column("text"))
-        pl = table.column("patch_lengths").combine_chunks()
-        values = pl.values.to_numpy(zero_copy_only=False).astype(np.int64)
-        offsets = pl.offsets.to_numpy()
-        sums = np.add.reduceat(values, offsets[:-1]) if values.size else np.zeros(len(lengths), np.int64)
-        sums[offsets[:-1] == offsets[1:]] = 0  # reduceat gives the next value for an empty list
-        if values.size and values.min() < 1:
-            problems.append(f"{part.path}: a patch length < 1")
-        bad = np.flatnonzero(sums != lengths)
-        if bad.size:
-            problems.append(f"{part.path}: row {int(bad[0])}: patch lengths sum to {int(sums[bad[0]])}, text has {int(lengths[bad[0]])} bytes ({bad.size} such rows)")
-        entropies = None
-        if "entropies" in table.column_names:
-            ent = table.column("entropies").combine_chunks()
-            bad = np.flatnonzero(ent.value_lengths().to_numpy(zero_copy_only=False) != lengths)
-            if bad.size:
-                problems.append(f"{part.path}: row {int(bad[0])}: entropies do not count one per byte ({bad.size} such rows)")
-            entropies = ent.values.to_numpy(zero_copy_only=False)
-        total = total + UnitStats.of(pl, entropies)
-        ids.extend(table.column("id").to_pylist())
-    if len(set(ids)) != len(ids):
-        problems.append(f"{len(ids) - len(set(ids))} duplicate ids")
-    s = manifest.stats
-    for field, found in (("documents", total.documents), ("bytes", total.bytes), ("patches", total.patches)):
-        if getattr(s, field) != found:
-            problems.append(f"stats say {getattr(s, field)} {field}, parts hold {found}")
-    if s.patch_length_histogram is not None and s.patch_length_histogram != total.patch_length_histogram:
-        problems.append("patch length histogram does not match the parts")
-    parent = manifest.params.get("input")
-    if parent:
-        expected = input_ids(registry, registry.resolve(parent), manifest.params.get("chunks"))
-        if sorted(expected) != sorted(ids):
-            missing = set(expected) - set(ids)
-            extra = set(ids) - set(expected)
-            problems.append(
-                f"ids differ from {parent}: {len(missing)} missing (e.g. {sorted(missing)[:1]}), "
-                f"{len(extra)} not in the input (e.g. {sorted(extra)[:1]}), {len(ids)} rows vs {len(expected)}"
-            )
-    return problems

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from blt_data import __version__
 from blt_data.storage import Store
@@ -250,38 +249,6 @@ class Registry:
 
     def part_path(self, manifest: Manifest, part: PartInfo) -> str:
         return f"{self.dataset_dir(manifest.name, area_of(manifest.kind))}/{part.path}"
-
-    def verify(self, manifest: Manifest, progress: bool = False) -> list[str]:
-        """Re-hash every part and recount its rows; returns the problems found (empty = good)."""
-        from blt_data.documents import count_rows  # documents builds on this module
-
-        problems = []
-        parts = manifest.parts + manifest.quarantine
-        for part in tqdm(parts, desc=f"verify {manifest.ref}", unit="part", disable=not progress):
-            rel = self.part_path(manifest, part)
-            try:
-                sha, size = self.store.sha256(rel)
-            except FileNotFoundError:
-                problems.append(f"{part.path}: missing")
-                continue
-            if size != part.bytes:
-                problems.append(f"{part.path}: size {size} != manifest {part.bytes}")
-            if sha != part.sha256:
-                problems.append(f"{part.path}: sha256 {sha[:12]}… != manifest {part.sha256[:12]}…")
-                continue
-            if manifest.kind not in ("documents", "patches"):
-                continue  # model files have no rows to count
-            rows = count_rows(self.store, rel)
-            if rows != part.rows:
-                problems.append(f"{part.path}: {rows} rows != manifest {part.rows}")
-        total = sum(p.rows for p in manifest.parts)
-        if manifest.kind in ("documents", "patches") and total != manifest.stats.documents:
-            problems.append(f"parts hold {total} rows but stats say {manifest.stats.documents} documents")
-        if manifest.kind == "patches" and not problems:
-            from blt_data.patches import verify_patches  # patches builds on this module
-
-            problems += verify_patches(self, manifest)
-        return problems
 
 
 def job_hash(payload: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from blt_data.registry import Manifest, Registry, RegistryError
 from blt_data.storage import Store, StoreError
+from blt_data.verify import verify
 
 app = typer.Typer(
     help="Entropy-patched byte datasets for the Byte Latent Transformer: download, shuffle, "
@@ -396,7 +397,7 @@ def registry_verify(
     try:
         reg = open_registry(store)
         m = resolve_any(reg, ref)
-        problems = reg.verify(m, progress=not quiet)
+        problems = verify(reg, m, progress=not quiet)
     except EXPECTED_ERRORS as e:
         fail(str(e))
     if problems:

@@ -13,12 +13,13 @@ import pytest
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
 from blt_data.patch_units import UnitSpec, load_records, patch_unit, plan_units, read_unit
 from blt_data.patches import (
-    ENTROPY_BINS, UnitStats, build_table, entropies_array, part_metadata, read_part, verify_patches, write_part,
+    ENTROPY_BINS, UnitStats, build_table, entropies_array, part_metadata, read_part, write_part,
 )
 from blt_data.patching import PatchConfig, patch_lengths, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry
 from blt_data.repatch import RepatchConfig, RepatchError, repatch
 from blt_data.storage import Store
+from blt_data.verify import verify, verify_patches
 
 TEXTS = ["hello world, hello patches", "", "é😀 unicode ok", "x" * 300, "short"]
 
@@ -121,7 +122,7 @@ def test_patch_unit_writes_part_then_record_and_verify_checks_content(local_stor
         arrow_schema={"entropies": "list<item: halffloat>"}, parts=[r.part for r in records],
         stats=stats.dataset_stats({"train": stats.documents}),
     ))
-    assert reg.verify(manifest) == []
+    assert verify(reg, manifest) == []
 
     # A part whose patch lengths do not add up, re-hashed so only the content check can catch it.
     bad = table.set_column(2, "patch_lengths", pa.array([[1]] * table.num_rows, pa.list_(pa.int32())))

@@ -23,6 +23,7 @@ from blt_data.download import DownloadConfig, download
 from blt_data.registry import Registry
 from blt_data.shuffle import shuffle_documents
 from blt_data.storage import Store
+from blt_data.verify import verify
 from cli.blt_train import app
 from pipelines.patch_job import PatchJobConfig, run_patch_job
 from tests.conftest import TEST_SECRET
@@ -97,7 +98,7 @@ def test_two_processes_train_and_resume_bit_identical(data, tmp_path):
     reg = Registry(Store.open(store))
     m = reg.resolve("split", area="models", kind="blt-checkpoint")
     assert m.parents == ["tiny-patches@v1"] and m.params["step"] == 8 and m.params["world_size"] == 2
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
 
 def test_resume_on_one_process_reads_each_document_once(data, tmp_path):

@@ -29,6 +29,7 @@ from blt_data.patching import PatchConfig, patch_lengths
 from blt_data.registry import Registry
 from blt_data.repatch import RepatchConfig, repatch
 from blt_data.storage import Store
+from blt_data.verify import verify
 from blt_model.entropy_registry import load_default_entropy_model
 from pipelines.patch_job import FaultInjection, PatchJobConfig, PatchJobError, run_patch_job
 
@@ -65,7 +66,7 @@ def test_end_to_end_layout_lineage_and_content(base):
     files = reg.store.find(job_dir)
     assert [f.rsplit("/", 1)[1] for f in files if f.endswith(".parquet")] == [f"part-{i:06d}.parquet" for i in range(6)]
     assert len([f for f in files if "/_done/unit-" in f]) == 6
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
     table = read_patches(reg, m)
     assert table.column("id").to_pylist() == [d["id"] for d in iter_documents(reg, docs)]
@@ -96,7 +97,7 @@ def test_repatch_equals_patching_again(base):
     assert repatched.parents == ["p@v1"] and repatched.params["model"]["sha256"] == DEFAULT_SHA256
     assert read_patches(reg, repatched).equals(read_patches(reg, again))
     assert repatched.stats == again.stats
-    assert reg.verify(repatched) == []
+    assert verify(reg, repatched) == []
 
 
 @pytest.mark.parametrize("scheme,extra", [("space", {}), ("static", {"patch_size": 6, "max_patch_length": 4}), ("byte", {})])
@@ -109,7 +110,7 @@ def test_schemes_without_a_model(base, scheme, extra):
     cfg = PatchConfig(scheme=scheme, **extra)
     for text, pl in zip(table.column("text").to_pylist(), table.column("patch_lengths").to_pylist()):
         assert pl == patch_lengths(text, None, cfg).tolist()
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
 
 def test_worker_killed_mid_unit(base, caplog):
@@ -120,7 +121,7 @@ def test_worker_killed_mid_unit(base, caplog):
     with caplog.at_level(logging.WARNING, logger="pipelines.patch_job"):
         m = run_patch_job(reg, job(name="mono", scheme="monotonic", threshold=0.5, fault=FaultInjection(unit=1, kind="exit")))
     assert "worker of unit 1 died" in caplog.text
-    assert reg.verify(m) == []  # ids equal the input's, none doubled, every length adds up
+    assert verify(reg, m) == []  # ids equal the input's, none doubled, every length adds up
     expected = repatch(reg, RepatchConfig(patches="p", name="mono-ref", scheme="monotonic", threshold=0.5))
     assert read_patches(reg, m, ["id", "patch_lengths"]).equals(read_patches(reg, expected, ["id", "patch_lengths"]))
 
@@ -157,7 +158,7 @@ def test_driver_killed_then_rerun_recomputes_nothing_and_matches(base, ray_local
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # not recomputed
     assert m.job_id == base.patched.job_id
     assert m.parts == base.patched.parts and m.stats == base.patched.stats
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
 
 def test_chunks_patch_a_subset_of_a_shuffled_dataset(base):
@@ -168,7 +169,7 @@ def test_chunks_patch_a_subset_of_a_shuffled_dataset(base):
     m = run_patch_job(reg, job(docs="std-sh", name="sub", scheme="static", chunks=[1]))
     by_split = {s: sum(p.rows for p in shuffled.parts_of(s) if s == "val" or "chunk-000001" in p.path) for s in ("train", "val")}
     assert m.stats.splits == by_split and m.params["chunks"] == [1]
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
     whole = run_patch_job(reg, job(docs="std-sh", name="sub", scheme="static"))
     assert whole.job_id != m.job_id and whole.stats.documents == shuffled.stats.documents
     with pytest.raises(PatchJobError, match=r"chunks \[7\] are not in std-sh@v1, which has chunks 0..2"):
