@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from blt_data.patches import check_patches, has_entropies
-from blt_data.patching import ENTROPY_SCHEMES, HISTOGRAM_MAX_LENGTH
+from blt_data.patching import ENTROPY_SCHEMES
+from blt_data.stats import HISTOGRAM_MAX_LENGTH
 from blt_data.registry import Manifest, Registry, RegistryError
 
 HIGH_RGB = (214, 39, 40)  # the red at the top of the scale (matplotlib's tab:red)

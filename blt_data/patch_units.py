@@ -7,7 +7,7 @@ order, part by part, so the plan is a pure function of the input manifest and ``
 Doing unit k (``patch_unit``) writes, in this order:
 
     <output>/_jobs/<job-id>/part-<k:06d>.parquet          the patched documents (one Parquet part)
-    <output>/_jobs/<job-id>/_done/unit-<k:06d>.json       its completion record: PartInfo + UnitStats
+    <output>/_jobs/<job-id>/_done/unit-<k:06d>.json       its completion record: PartInfo + DatasetStats
 
 Invariant: a completion record exists only once its part is published whole, and the part is a
 pure function of the unit's documents and the job's parameters; so a record can be trusted by
@@ -27,9 +27,10 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from blt_data.documents import iter_lines
-from blt_data.patches import UnitStats, build_table, entropies_array, part_name, write_part
+from blt_data.patches import build_table, entropies_array, part_name, write_part
 from blt_data.patching import PatchConfig, patch_lengths_arrow
 from blt_data.registry import Manifest, PartInfo, Registry
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 # texts -> one float array of per-byte entropies (nats) per text, in order.
@@ -70,7 +71,7 @@ class UnitRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     unit: int
     part: PartInfo
-    stats: UnitStats
+    stats: DatasetStats
 
 
 def record_path(spec: UnitSpec, index: int) -> str:
@@ -152,7 +153,7 @@ def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None) 
         table, dataset=spec.name, job_id=spec.job_id, split=unit.split,
     )
     flat = entropies.values.to_numpy(zero_copy_only=False) if entropies is not None else None
-    record = UnitRecord(unit=unit.index, part=info, stats=UnitStats.of(patch_lengths, flat))
+    record = UnitRecord(unit=unit.index, part=info, stats=DatasetStats.of(patch_lengths, flat))
     store.write_bytes(record_path(spec, unit.index), record.model_dump_json().encode())
     return record
 

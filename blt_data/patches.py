@@ -30,22 +30,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
-from blt_data.patching import HISTOGRAM_BINS, patch_stats
-from blt_data.registry import DatasetStats, Manifest, PartInfo, Registry
+from blt_data.registry import Manifest, PartInfo, Registry
 from blt_data.storage import Store
 
 FORMAT = "patches"
 FORMAT_VERSION = 1
 PART_EXT = ".parquet"
 ROW_GROUP_ROWS = 4096  # documents per row group: readers can stream parts of a few GB
-# Entropy histogram (for quantiles that add over units): bins of 1/256 nat over [0, 6) nats,
-# plus one overflow bin. ln(260) = 5.56 nats is the largest possible entropy over 260 ids.
-ENTROPY_BINS_PER_NAT = 256
-ENTROPY_MAX_NATS = 6
-ENTROPY_BINS = ENTROPY_BINS_PER_NAT * ENTROPY_MAX_NATS + 1
-QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
 def part_name(index: int) -> str:
@@ -146,71 +138,3 @@ def has_entropies(manifest: Manifest) -> bool:
 
 def byte_lengths(text: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return pc.binary_length(text).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-class UnitStats(BaseModel):
-    """Statistics of one unit's documents; units add (``a + b``) into the dataset's statistics.
-
-    Everything is an integer count except ``entropy_sum``, whose float sum depends on order: the
-    driver adds units in unit order, so resumed and uninterrupted jobs agree bit for bit.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    documents: int = 0
-    bytes: int = Field(0, description="UTF-8 bytes of text (= sum of patch lengths)")
-    patches: int = 0
-    patch_length_histogram: list[int] = Field(default_factory=lambda: [0] * HISTOGRAM_BINS)
-    entropy_histogram: list[int] = Field(default_factory=list, description="empty when no entropies; else ENTROPY_BINS counts")
-    entropy_sum: float = Field(0.0, description="nats, sum over bytes (for the mean)")
-
-    @classmethod
-    def of(cls, patch_lengths: pa.ListArray, entropies: np.ndarray | None) -> "UnitStats":
-        """Stats of a table's patch_lengths column and its flat float16 entropies (or None)."""
-        ps = patch_stats(
-            patch_lengths.values.to_numpy(zero_copy_only=False), patch_lengths.value_lengths().to_numpy(zero_copy_only=False)
-        )
-        stats = cls(documents=ps.documents, bytes=ps.bytes, patches=ps.patches, patch_length_histogram=ps.patch_length_histogram)
-        if entropies is not None:
-            e = entropies.astype(np.float32)
-            bins = np.clip(e * ENTROPY_BINS_PER_NAT, 0, ENTROPY_BINS - 1).astype(np.int64)
-            stats.entropy_histogram = np.bincount(bins, minlength=ENTROPY_BINS).tolist()
-            stats.entropy_sum = float(e.astype(np.float64).sum())
-        return stats
-
-    def __add__(self, other: "UnitStats") -> "UnitStats":
-        if not self.entropy_histogram or not other.entropy_histogram:
-            hist = self.entropy_histogram or other.entropy_histogram
-        else:
-            hist = [a + b for a, b in zip(self.entropy_histogram, other.entropy_histogram)]
-        return UnitStats(
-            documents=self.documents + other.documents,
-            bytes=self.bytes + other.bytes,
-            patches=self.patches + other.patches,
-            patch_length_histogram=[a + b for a, b in zip(self.patch_length_histogram, other.patch_length_histogram)],
-            entropy_histogram=hist,
-            entropy_sum=self.entropy_sum + other.entropy_sum,
-        )
-
-    def entropy_quantiles(self) -> dict[str, float] | None:
-        """Quantiles (nats) at the midpoint of their histogram bin (±1/512 nat), plus the mean."""
-        if not self.entropy_histogram or not self.bytes:
-            return None
-        cumulative = np.cumsum(self.entropy_histogram)
-        out = {}
-        for q in QUANTILES:
-            b = int(np.searchsorted(cumulative, q * cumulative[-1]))
-            out[f"q{round(q * 100):02d}"] = round(min((b + 0.5) / ENTROPY_BINS_PER_NAT, ENTROPY_MAX_NATS), 6)
-        out["mean"] = round(self.entropy_sum / self.bytes, 6)
-        return out
-
-    def dataset_stats(self, splits: dict[str, int]) -> DatasetStats:
-        return DatasetStats(
-            documents=self.documents,
-            bytes=self.bytes,
-            splits=splits,
-            patches=self.patches,
-            mean_patch_length=self.bytes / self.patches if self.patches else None,
-            patch_length_histogram=self.patch_length_histogram,
-            entropy_quantiles=self.entropy_quantiles(),
-        )

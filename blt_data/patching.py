@@ -73,11 +73,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Scheme = Literal["entropy", "monotonic", "space", "static", "byte"]
 ENTROPY_SCHEMES = ("entropy", "monotonic")
 
-# Histogram bins of patch lengths: bin i (0..63) counts patches of length i + 1 bytes, bin 64
-# counts patches longer than 64 bytes. Fixed bins so that per-unit histograms add up.
-HISTOGRAM_MAX_LENGTH = 64
-HISTOGRAM_BINS = HISTOGRAM_MAX_LENGTH + 1
-
 # Documents are patched in groups of about this many bytes, and monotonic differences (float64)
 # taken in chunks of this many bytes, so temporaries stay cache- and allocator-friendly.
 _GROUP_BYTES = 1 << 20
@@ -258,55 +253,6 @@ def start_scores(
         return e[~first]
     diffs = np.diff(e.astype(np.float64))  # diffs[j-1] = e[j] - e[j-1]
     return diffs[~first[1:]]
-
-
-class PatchStats(BaseModel):
-    """Patch statistics of a set of documents; stats of disjoint sets add (``a + b``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    documents: int = 0
-    bytes: int = Field(0, description="UTF-8 bytes, the sum of all patch lengths")
-    patches: int = 0
-    patch_length_histogram: list[int] = Field(
-        default_factory=lambda: [0] * HISTOGRAM_BINS,
-        description="bin i < 64: patches of i + 1 bytes; bin 64: patches longer than 64 bytes",
-    )
-
-    @property
-    def mean_patch_length(self) -> float | None:
-        return self.bytes / self.patches if self.patches else None
-
-    def __add__(self, other: "PatchStats") -> "PatchStats":
-        return PatchStats(
-            documents=self.documents + other.documents,
-            bytes=self.bytes + other.bytes,
-            patches=self.patches + other.patches,
-            patch_length_histogram=[a + b for a, b in zip(self.patch_length_histogram, other.patch_length_histogram)],
-        )
-
-
-def patch_stats(
-    patch_lengths: np.ndarray | Sequence[np.ndarray], num_patches: np.ndarray | None = None
-) -> PatchStats:
-    """Stats of per-document arrays of patch lengths, or of the concatenation plus the patches per
-    document (``patch_stats(*patch_lengths_batch(...))``)."""
-    if num_patches is None:
-        if isinstance(patch_lengths, np.ndarray):
-            raise ValueError("a concatenated patch_lengths array needs num_patches (patches per document)")
-        documents = len(patch_lengths)
-        lengths = np.concatenate([np.zeros(0, np.int64), *(np.asarray(p, dtype=np.int64) for p in patch_lengths)])
-    else:
-        documents = len(num_patches)
-        lengths = np.asarray(patch_lengths, dtype=np.int64)
-        if int(np.sum(num_patches)) != lengths.size:
-            raise ValueError(f"num_patches sums to {int(np.sum(num_patches))}, but there are {lengths.size} patch lengths")
-    if lengths.size and lengths.min() < 1:
-        raise ValueError("patch lengths must be >= 1")
-    histogram = np.bincount(np.minimum(lengths, HISTOGRAM_BINS), minlength=HISTOGRAM_BINS + 1)[1:]
-    return PatchStats(
-        documents=documents, bytes=int(lengths.sum()), patches=int(lengths.size), patch_length_histogram=histogram.tolist()
-    )
 
 
 def _as_bytes(utf8: np.ndarray | bytes | None, total: int) -> np.ndarray:

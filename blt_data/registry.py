@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from blt_data import __version__
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 FORMAT_VERSION = 1
@@ -51,38 +52,6 @@ class PartInfo(BaseModel):
     bytes: int
     sha256: str
     split: str = "train"
-
-
-class DatasetStats(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    documents: int = 0
-    bytes: int = Field(0, description="UTF-8 bytes of document text")
-    quarantined: int = 0
-    blank_lines: int = 0
-    duplicate_ids: int = 0
-    duplicate_id_examples: list[str] = Field(default_factory=list)
-    damaged_files: list[dict[str, Any]] = Field(default_factory=list)
-    skipped_files: list[str] = Field(default_factory=list)
-    splits: dict[str, int] = Field(default_factory=dict, description="documents per split")
-    # Patches datasets (filled by the patch job).
-    patches: int | None = None
-    mean_patch_length: float | None = None
-    patch_length_histogram: list[int] | None = None
-    entropy_quantiles: dict[str, float] | None = None
-
-    def __add__(self, other: "DatasetStats") -> "DatasetStats":
-        """Merge the statistics of two disjoint pieces (units, parts) of one dataset.
-
-        Counts and lists add; per-split counts add key by key. Patch statistics are merged by
-        the patch job, which owns their meaning (histograms add, means do not).
-        """
-        merged = {
-            k: getattr(self, k) + getattr(other, k)
-            for k in ("documents", "bytes", "quarantined", "blank_lines", "duplicate_ids",
-                      "duplicate_id_examples", "damaged_files", "skipped_files")
-        }
-        merged["splits"] = {k: self.splits.get(k, 0) + other.splits.get(k, 0) for k in {**self.splits, **other.splits}}
-        return DatasetStats(**merged)
 
 
 class Manifest(BaseModel):

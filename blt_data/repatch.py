@@ -27,10 +27,11 @@ from tqdm import tqdm
 from blt_data.calibrate import Calibration, calibrate_threshold
 from blt_data.patch_units import UnitRecord, UnitSpec, load_records, record_path
 from blt_data.patches import (
-    UnitStats, arrow_schema_summary, build_table, has_entropies, part_name, read_part, write_part,
+    arrow_schema_summary, build_table, has_entropies, part_name, read_part, write_part,
 )
 from blt_data.patching import PatchConfig, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry, check_name, job_hash
+from blt_data.stats import DatasetStats
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +129,13 @@ def _repatch_part(registry: Registry, parent: Manifest, index: int, part, spec: 
         registry.store, f"{spec.job_dir}/{part_name(index)}", f"_jobs/{spec.job_id}/{part_name(index)}",
         out, dataset=spec.name, job_id=spec.job_id, split=part.split,
     )
-    record = UnitRecord(unit=index, part=info, stats=UnitStats.of(patch_lengths, entropies.values.to_numpy(zero_copy_only=False)))
+    record = UnitRecord(unit=index, part=info, stats=DatasetStats.of(patch_lengths, entropies.values.to_numpy(zero_copy_only=False)))
     registry.store.write_bytes(record_path(spec, index), record.model_dump_json().encode())
     return record
 
 
 def _commit(registry: Registry, parent: Manifest, cfg: RepatchConfig, spec: UnitSpec, ordered: list[UnitRecord], calibration: Calibration | None) -> Manifest:
-    stats = sum((r.stats for r in ordered), UnitStats())
+    stats = sum((r.stats for r in ordered), DatasetStats())
     splits = Counter()
     for r in ordered:
         splits[r.part.split] += r.part.rows
@@ -154,6 +155,6 @@ def _commit(registry: Registry, parent: Manifest, cfg: RepatchConfig, spec: Unit
     manifest = Manifest(
         name=cfg.name, kind="patches", job_id=spec.job_id, parents=[parent.ref], params=params,
         arrow_schema=arrow_schema_summary(True), parts=[r.part for r in ordered],
-        stats=stats.dataset_stats(dict(sorted(splits.items()))),
+        stats=stats.model_copy(update={"splits": dict(sorted(splits.items()))}),
     )
     return registry.commit(manifest)

@@ -21,9 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from blt_data.documents import count_rows, iter_lines
-from blt_data.patches import UnitStats, byte_lengths, iter_tables, part_metadata, read_part
+from blt_data.patches import byte_lengths, iter_tables, part_metadata, read_part
 from blt_data.registry import Manifest, Registry
 from blt_data.shuffle import chunk_parts
+from blt_data.stats import DatasetStats
 
 # Kinds whose parts hold one document per row (model files have no rows to count).
 ROW_KINDS = ("documents", "patches")
@@ -79,7 +80,7 @@ def verify_patches(registry: Registry, manifest: Manifest) -> list[str]:
     count one per byte, ids are unique and equal to the input dataset's, statistics add up."""
     problems: list[str] = []
     ids: list[str] = []
-    total = UnitStats()
+    total = DatasetStats()
     for part in manifest.parts:
         rel = registry.part_path(manifest, part)
         meta = part_metadata(registry.store, rel)
@@ -104,7 +105,7 @@ def verify_patches(registry: Registry, manifest: Manifest) -> list[str]:
             if bad.size:
                 problems.append(f"{part.path}: row {int(bad[0])}: entropies do not count one per byte ({bad.size} such rows)")
             entropies = ent.values.to_numpy(zero_copy_only=False)
-        total = total + UnitStats.of(pl, entropies)
+        total = total + DatasetStats.of(pl, entropies)
         ids.extend(table.column("id").to_pylist())
     if len(set(ids)) != len(ids):
         problems.append(f"{len(ids) - len(set(ids))} duplicate ids")

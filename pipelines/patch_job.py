@@ -41,10 +41,11 @@ from blt_data.calibrate import Calibration, calibrate_threshold
 from blt_data.patch_units import (
     Unit, UnitRecord, UnitSpec, calibration_sample, load_records, patch_unit, plan_units,
 )
-from blt_data.patches import UnitStats, arrow_schema_summary
+from blt_data.patches import arrow_schema_summary
 from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, Scheme
 from blt_data.registry import Manifest, Registry, check_name, job_hash
 from blt_data.shuffle import chunk_parts
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 log = logging.getLogger(__name__)
@@ -427,7 +428,7 @@ def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, records: dict[i
         if record is None or record.part.rows != unit.stop - unit.start:
             raise PatchJobError(f"unit {unit.index} has no valid completion record; rerun the job")
         ordered.append(record)
-    stats = sum((r.stats for r in ordered), UnitStats())  # in unit order: float sums are reproducible
+    stats = sum((r.stats for r in ordered), DatasetStats())  # in unit order: float sums are reproducible
     splits = Counter()
     for r in ordered:
         splits[r.part.split] += r.part.rows
@@ -452,7 +453,7 @@ def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, records: dict[i
     manifest = Manifest(
         name=cfg.name, kind="patches", job_id=plan.job_id, parents=parents, params=params,
         arrow_schema=arrow_schema_summary(spec.keep_entropies),
-        parts=[r.part for r in ordered], stats=stats.dataset_stats(dict(sorted(splits.items()))),
+        parts=[r.part for r in ordered], stats=stats.model_copy(update={"splits": dict(sorted(splits.items()))}),
     )
     return registry.commit(manifest)
 

@@ -17,11 +17,12 @@ import pytest
 from blt_data.download import DownloadConfig, download
 from blt_data.inspect import InspectError, cut_at_character, write_inspect_page
 from blt_data.patch_units import UnitSpec, patch_unit, plan_units
-from blt_data.patches import UnitStats, arrow_schema_summary
+from blt_data.patches import arrow_schema_summary
 from blt_data.patching import PatchConfig
 from blt_data.registry import Manifest, Registry, RegistryError
 from blt_data.repatch import RepatchConfig, repatch
 from blt_data.shuffle import shuffle_documents
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 from tests.blt_data.test_patches import fake_score
 
@@ -60,12 +61,12 @@ def patch_dataset(reg, docs, name, patch, score, parents, model) -> Manifest:
     spec = UnitSpec(input_dir=reg.dataset_dir(docs.name), output_dir=reg.dataset_dir(name), name=name,
                     job_id=f"{name}-job", patch=patch, keep_entropies=score is not None)
     records = [patch_unit(reg.store, u, spec, score) for u in plan_units(reg, docs, unit_bytes=1 << 20)]
-    stats = sum((r.stats for r in records), UnitStats())
+    stats = sum((r.stats for r in records), DatasetStats())
     params = {"input": docs.ref, "model": model, **patch.model_dump(), "entropies": score is not None}
     return reg.commit(Manifest(
         name=name, kind="patches", job_id=spec.job_id, parents=parents, params=params,
         arrow_schema=arrow_schema_summary(score is not None), parts=[r.part for r in records],
-        stats=stats.dataset_stats({"train": stats.documents}),
+        stats=stats.model_copy(update={"splits": {"train": stats.documents}}),
     ))
 
 

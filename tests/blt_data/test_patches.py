@@ -13,11 +13,12 @@ import pytest
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
 from blt_data.patch_units import UnitSpec, load_records, patch_unit, plan_units, read_unit
 from blt_data.patches import (
-    ENTROPY_BINS, UnitStats, build_table, entropies_array, part_metadata, read_part, write_part,
+    build_table, entropies_array, part_metadata, read_part, write_part,
 )
 from blt_data.patching import PatchConfig, patch_lengths, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry
 from blt_data.repatch import RepatchConfig, RepatchError, repatch
+from blt_data.stats import ENTROPY_BINS, DatasetStats
 from blt_data.storage import Store
 from blt_data.verify import verify, verify_patches
 
@@ -76,16 +77,16 @@ def test_unit_stats_add_like_the_whole():
     whole = table_of(TEXTS)
 
     def stats(t):
-        return UnitStats.of(t.column("patch_lengths").combine_chunks(), t.column("entropies").combine_chunks().values.to_numpy())
+        return DatasetStats.of(t.column("patch_lengths").combine_chunks(), t.column("entropies").combine_chunks().values.to_numpy())
 
     total = stats(a) + stats(b)
     ref = stats(whole)
     assert total.model_dump(exclude={"entropy_sum"}) == ref.model_dump(exclude={"entropy_sum"})
     assert total.entropy_sum == pytest.approx(ref.entropy_sum)
     assert len(total.entropy_histogram) == ENTROPY_BINS and sum(total.entropy_histogram) == total.bytes
-    q = total.entropy_quantiles()
+    q = total.entropy_quantiles
     assert 0 <= q["q01"] <= q["q50"] <= q["q99"] <= 3.5
-    assert (UnitStats() + stats(a)).documents == 2  # an empty start adds cleanly
+    assert (DatasetStats() + stats(a)).documents == 2  # an empty start adds cleanly
 
 
 def test_units_cover_every_line_once_and_respect_the_size(local_store_url):
@@ -116,11 +117,11 @@ def test_patch_unit_writes_part_then_record_and_verify_checks_content(local_stor
         assert np.array_equal(np.array(ent, np.float16), expected_e)
         assert pl == patch_lengths(text, expected_e, spec.patch).tolist()
 
-    stats = sum((r.stats for r in records), UnitStats())
+    stats = sum((r.stats for r in records), DatasetStats())
     manifest = reg.commit(Manifest(
         name="out", kind="patches", job_id="jj", parents=["docs@v1"], params={"input": "docs@v1"},
         arrow_schema={"entropies": "list<item: halffloat>"}, parts=[r.part for r in records],
-        stats=stats.dataset_stats({"train": stats.documents}),
+        stats=stats.model_copy(update={"splits": {"train": stats.documents}}),
     ))
     assert verify(reg, manifest) == []
 

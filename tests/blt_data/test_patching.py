@@ -9,15 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from blt_data.patching import (
-    HISTOGRAM_BINS,
     PatchConfig,
-    PatchStats,
     patch_lengths,
     patch_lengths_arrow,
     patch_lengths_batch,
-    patch_stats,
     start_scores,
 )
+from blt_data.stats import HISTOGRAM_BINS, DatasetStats, patch_stats
 
 F16 = np.float16
 
@@ -328,8 +326,8 @@ def test_patch_stats_bins_and_sums():
     assert s.patch_length_histogram[63] == 1  # length 64
     assert s.patch_length_histogram[64] == 2  # longer than 64
     assert s.mean_patch_length == pytest.approx(1133 / 6)
-    assert PatchStats().mean_patch_length is None
-    assert PatchStats.model_validate_json(s.model_dump_json()) == s
+    assert DatasetStats().mean_patch_length is None
+    assert DatasetStats.model_validate_json(s.model_dump_json()) == s
 
 
 def test_patch_stats_of_units_add_up():
