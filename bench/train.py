@@ -34,7 +34,7 @@ import pyarrow as pa
 import torch
 
 from blt_data.patches import arrow_schema_summary, build_table, part_name, write_part
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.reader import Reader, ReaderConfig
 from blt_data.registry import Manifest, Registry
 from blt_data.stats import DatasetStats
@@ -63,7 +63,7 @@ def stdlib_texts(max_bytes: int, seed: int = 0) -> list[str]:
 
 def patches_dataset(reg: Registry, texts: list[str], patch_size: int, name: str = "bench") -> Manifest:
     """A patches dataset (static patches, no entropies) written with the patch job's writers."""
-    cfg = PatchConfig(scheme="static", patch_size=patch_size)
+    cfg = PatchRule(scheme="static", patch_size=patch_size)
     job, infos, stats = "bench", [], DatasetStats()
     for index, chunk in enumerate(np.array_split(np.arange(len(texts)), max(1, len(texts) // 200))):
         text = pa.array([texts[i] for i in chunk], pa.large_string())

@@ -314,7 +314,7 @@ def key_params(manifest: Manifest) -> list[str]:
         out.append(f"sha256 {p['sha256'][:12]}…")
     for key in _LINEAGE_KEYS:
         if key == "patch_size" and p.get("scheme") != "static":
-            continue  # a PatchConfig default that only the static scheme uses
+            continue  # a PatchRule default that only the static scheme uses
         if p.get(key) is not None and p.get(key) != "":
             value = p[key]
             out.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")

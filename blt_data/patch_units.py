@@ -13,6 +13,9 @@ Invariant: a completion record exists only once its part is published whole, and
 pure function of the unit's documents and the job's parameters; so a record can be trusted by
 any later process, and a unit redone after a crash writes the same bytes again.
 
+When every unit has its record, ``commit_patches`` publishes the manifest (the one patches
+commit, shared by ``patch`` and ``repatch``).
+
 This module knows nothing of Ray: ``pipelines/patch_job.py`` runs ``patch_unit`` in actors and
 hands it the scoring function (the entropy model stays outside ``blt_data``).
 """
@@ -20,15 +23,17 @@ hands it the scoring function (the entropy model stays outside ``blt_data``).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from blt_data.calibrate import Calibration
 from blt_data.documents import iter_lines
-from blt_data.patches import build_table, entropies_array, part_name, write_part
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patches import arrow_schema_summary, build_table, entropies_array, part_name, write_part
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, PartInfo, Registry
 from blt_data.stats import DatasetStats
 from blt_data.storage import Store
@@ -57,7 +62,7 @@ class UnitSpec(BaseModel):
     output_dir: str
     name: str
     job_id: str
-    patch: PatchConfig
+    patch: PatchRule  # as applied: a calibrated threshold is set
     keep_entropies: bool
 
     @property
@@ -167,3 +172,27 @@ def load_records(store: Store, spec: UnitSpec) -> dict[int, UnitRecord]:
             records[record.unit] = record
     return records
 
+
+def commit_patches(
+    registry: Registry, spec: UnitSpec, records: list[UnitRecord], requested: PatchRule,
+    calibration: Calibration | None, parents: list[str], params: dict,
+) -> Manifest:
+    """Commit a patches dataset from its unit records, in unit order (``patch`` and ``repatch``).
+
+    Statistics add in unit order, so the float sums of a resumed job equal an uninterrupted
+    one's. ``params`` (input, model, scoring, ...) are completed with the rule as requested, its
+    threshold as applied, and the calibration.
+    """
+    stats = sum((r.stats for r in records), DatasetStats())
+    splits = Counter()
+    for r in records:
+        splits[r.part.split] += r.part.rows
+    rule = requested.params() | {"threshold": spec.patch.threshold}
+    manifest = Manifest(
+        name=spec.name, kind="patches", job_id=spec.job_id, parents=parents,
+        params={**params, **rule, "calibration": calibration.model_dump() if calibration else None,
+                "entropies": spec.keep_entropies},
+        arrow_schema=arrow_schema_summary(spec.keep_entropies), parts=[r.part for r in records],
+        stats=stats.model_copy(update={"splits": dict(sorted(splits.items()))}),
+    )
+    return registry.commit(manifest)

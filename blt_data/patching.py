@@ -87,8 +87,14 @@ for _lo, _hi in ((b"0", b"9"), (b"A", b"Z"), (b"a", b"z")):
     _BYTE_CLASS[_lo[0] : _hi[0] + 1] = _WORD
 
 
-class PatchConfig(BaseModel):
-    """How documents are cut into patches (DESIGN.md §4)."""
+class PatchRule(BaseModel):
+    """How documents are cut into patches (DESIGN.md §4): the one config of the rule, nested in
+    every job that patches (``patch``, ``repatch``).
+
+    An entropy scheme takes its threshold either directly or as a target mean patch size that
+    calibration turns into one (``blt_data.calibrate.calibrated``); applying the rule needs the
+    threshold.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,14 +104,42 @@ class PatchConfig(BaseModel):
         allow_inf_nan=False,
         description="nats; entropy/monotonic only, required to apply them (e.g. from calibration)",
     )
+    target_patch_size: float | None = Field(
+        None, gt=0, description="bytes per patch; entropy/monotonic only: calibrate the threshold on a sample"
+    )
+    calibration_bytes: int = Field(10**6, ge=1024, le=1 << 30, description="sample size (UTF-8 bytes) for target_patch_size")
     max_patch_length: int | None = Field(None, ge=1, description="cut longer patches into pieces of this many bytes")
     patch_size: int = Field(4, ge=1, description="bytes per patch for `static`")
 
     @model_validator(mode="after")
-    def _threshold_only_for_entropy(self) -> "PatchConfig":
-        if self.threshold is not None and self.scheme not in ENTROPY_SCHEMES:
-            raise ValueError(f"threshold is only used by the entropy schemes, not by {self.scheme!r}")
+    def _threshold_only_for_entropy(self) -> "PatchRule":
+        if self.scheme not in ENTROPY_SCHEMES:
+            for name in ("threshold", "target_patch_size"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"scheme {self.scheme!r} takes no {name}: it is only used by the entropy schemes")
+        elif self.threshold is not None and self.target_patch_size is not None:
+            raise ValueError(f"scheme {self.scheme!r} takes a threshold or a target_patch_size, not both")
         return self
+
+    def require_threshold_or_target(self, options: str = "threshold and target_patch_size") -> None:
+        """For a job that has nowhere else to take the threshold from: an entropy scheme needs
+        one of the two (``options`` names them as the caller's user sets them)."""
+        if self.scheme in ENTROPY_SCHEMES and self.threshold is None and self.target_patch_size is None:
+            raise ValueError(f"scheme {self.scheme!r} needs exactly one of {options}")
+
+    def with_threshold(self, threshold: float) -> "PatchRule":
+        """The rule as applied once calibration chose its threshold."""
+        return self.model_copy(update={"threshold": threshold, "target_patch_size": None})
+
+    def params(self) -> dict:
+        """The rule as a manifest records it (``patch_size`` only where it is used)."""
+        return {
+            "scheme": self.scheme,
+            "threshold": self.threshold,
+            "target_patch_size": self.target_patch_size,
+            "max_patch_length": self.max_patch_length,
+            "patch_size": self.patch_size if self.scheme == "static" else None,
+        }
 
 
 class PatchedBatch(NamedTuple):
@@ -124,7 +158,7 @@ class PatchedBatch(NamedTuple):
 
 
 def patch_lengths(
-    text: str | bytes | memoryview, entropies: np.ndarray | None, cfg: PatchConfig
+    text: str | bytes | memoryview, entropies: np.ndarray | None, cfg: PatchRule
 ) -> np.ndarray:
     """Patch lengths (int32, bytes) of one document; ``entropies`` (one per UTF-8 byte, nats) are
     needed by the entropy schemes only."""
@@ -137,7 +171,7 @@ def patch_lengths(
 def patch_lengths_batch(
     byte_lengths: np.ndarray | Sequence[int],
     entropies: np.ndarray | None,
-    cfg: PatchConfig,
+    cfg: PatchRule,
     utf8: np.ndarray | bytes | None = None,
 ) -> PatchedBatch:
     """Patch many documents at once, laid end to end (the layout of an Arrow list/string column).
@@ -197,7 +231,7 @@ def patch_lengths_batch(
 
 
 def patch_lengths_arrow(
-    text: pa.Array | pa.ChunkedArray, entropies: pa.Array | pa.ChunkedArray | None, cfg: PatchConfig
+    text: pa.Array | pa.ChunkedArray, entropies: pa.Array | pa.ChunkedArray | None, cfg: PatchRule
 ) -> pa.ListArray:
     """The ``patch_lengths`` column (list<int32>) for a ``text`` column (string/large_string)
     and, for the entropy schemes, an ``entropies`` column (list<float16> or any float list)."""

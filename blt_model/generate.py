@@ -16,16 +16,16 @@ import numpy as np
 import torch
 
 from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
-from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, patch_lengths
+from blt_data.patching import ENTROPY_SCHEMES, PatchRule, patch_lengths
 from blt_data.registry import Registry
 from blt_model.distributed import TrainingError
 from blt_model.entropy_registry import load_entropy_model_ref
 from blt_model.train import load_trained_blt
 
 def patching_of(registry: Registry, data_ref: str):
-    """(entropy model or None, PatchConfig) that made a patches dataset."""
+    """(entropy model or None, PatchRule) that made a patches dataset."""
     params = registry.resolve(data_ref, kind="patches").params
-    cfg = PatchConfig(
+    cfg = PatchRule(
         scheme=params["scheme"], threshold=params.get("threshold"),
         max_patch_length=params.get("max_patch_length"), patch_size=params.get("patch_size") or 4,
     )
@@ -38,7 +38,7 @@ def patching_of(registry: Registry, data_ref: str):
     return model, cfg
 
 
-def row_patch_lengths(text: bytes, entropy_model, cfg: PatchConfig) -> np.ndarray:
+def row_patch_lengths(text: bytes, entropy_model, cfg: PatchRule) -> np.ndarray:
     """BOS as its own patch, then the document's patches (the reader's layout, without EOS)."""
     entropies = score_document_alone(entropy_model, text) if entropy_model is not None and text else None
     body = patch_lengths(text, entropies, cfg) if text else np.zeros(0, np.int32)

@@ -205,8 +205,8 @@ def patch(
     from pipelines.patch_job import PatchJobConfig, PatchJobError, plan_patch_job, run_patch_job
 
     flags = {
-        "docs": docs, "name": name, "model": model, "scheme": scheme, "threshold": threshold,
-        "target_patch_size": target_patch_size, "max_patch_length": max_patch_length, "entropies": entropies,
+        "docs": docs, "name": name, "model": model, "rule.scheme": scheme, "rule.threshold": threshold,
+        "rule.target_patch_size": target_patch_size, "rule.max_patch_length": max_patch_length, "entropies": entropies,
         "ray_address": ray_address, "workers": workers, "gpus_per_worker": gpus_per_worker,
         "unit_bytes": parse_size(unit_size, "--unit-size") if unit_size else None,
     }
@@ -244,8 +244,9 @@ def repatch(
     from blt_data.repatch import RepatchConfig, repatch as run_repatch
 
     try:
-        cfg = RepatchConfig(patches=patches, name=name, scheme=scheme, threshold=threshold,
-                            target_patch_size=target_patch_size, max_patch_length=max_patch_length)
+        cfg = RepatchConfig(patches=patches, name=name, rule={
+            "scheme": scheme, "threshold": threshold, "target_patch_size": target_patch_size,
+            "max_patch_length": max_patch_length})
     except ValidationError as e:
         fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
     try:

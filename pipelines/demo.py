@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blt_data.download import DownloadConfig, download
 from blt_data.inspect import write_inspect_page
+from blt_data.patching import PatchRule
 from blt_data.registry import Manifest, Registry
 from blt_data.shuffle import shuffle_documents
 from blt_model.train import build_train_config, train
@@ -80,7 +81,7 @@ def run_demo(registry: Registry, cfg: DemoConfig | None = None, progress: bool =
         registry, docs.ref, "stdlib-shuffled", num_chunks=cfg.num_chunks, seed=0, memory_bytes=64 * 10**6,
         val_docs=cfg.val_docs, progress=progress), text_bytes)
     patch_cfg = PatchJobConfig(
-        docs=shuffled.ref, name="stdlib-patches", model="default", threshold=cfg.threshold, chunks=cfg.chunks,
+        docs=shuffled.ref, name="stdlib-patches", model="default", rule=PatchRule(threshold=cfg.threshold), chunks=cfg.chunks,
         workers=cfg.workers,
     )
     patches = _timed(result, "patch", registry, "datasets", lambda: run_patch_job(registry, patch_cfg, progress=progress), text_bytes)

@@ -37,15 +37,13 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.calibrate import Calibration, calibrate_threshold
+from blt_data.calibrate import Calibration, calibrated
 from blt_data.patch_units import (
-    Unit, UnitRecord, UnitSpec, calibration_sample, load_records, patch_unit, plan_units,
+    Unit, UnitRecord, UnitSpec, calibration_sample, commit_patches, load_records, patch_unit, plan_units,
 )
-from blt_data.patches import arrow_schema_summary
-from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, Scheme
+from blt_data.patching import ENTROPY_SCHEMES, PatchRule
 from blt_data.registry import Manifest, Registry, check_name, job_hash
 from blt_data.shuffle import chunk_parts
-from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 log = logging.getLogger(__name__)
@@ -69,25 +67,20 @@ class FaultInjection(BaseModel):
 
 
 class PatchJobConfig(BaseModel):
-    """Everything `blt-data patch` runs with. Fields marked (output) go into the job id."""
+    """Everything `blt-data patch` runs with; the job id hashes the patch rule, entropies, chunks, unit size and scoring settings."""
 
     model_config = ConfigDict(extra="forbid")
 
-    docs: str = Field(description="input documents dataset: NAME or NAME@vN (output)")
+    docs: str = Field(description="input documents dataset: NAME or NAME@vN")
     name: str = Field(description="name of the patches dataset to create")
-    model: str | None = Field(None, description="entropy model: 'default' (shipped) or NAME[@vN]; entropy schemes default to 'default', other schemes score only when given (output)")
-    scheme: Scheme = Field("entropy", description="patch rule (output)")
-    threshold: float | None = Field(None, allow_inf_nan=False, description="nats, entropy schemes (output)")
-    target_patch_size: float | None = Field(None, gt=0, description="bytes per patch: calibrate the threshold on a sample instead (output)")
-    max_patch_length: int | None = Field(None, ge=1, description="cut longer patches (output)")
-    patch_size: int = Field(4, ge=1, description="bytes per patch for `static` (output)")
-    entropies: bool = Field(True, description="store the entropies column when the job scores (output)")
-    chunks: list[int] | None = Field(None, description="patch only these train chunks of a shuffled dataset (and all of val); None: everything (output)")
-    unit_bytes: int = Field(16 * 10**6, ge=1024, le=1 << 30, description="input bytes (JSON lines) per unit of work (output)")
-    calibration_bytes: int = Field(10**6, ge=1024, le=1 << 30, description="sample size for --target-patch-size (output)")
-    row_len: int | None = Field(None, ge=1, description="scoring row length in tokens; None: the model's max_seqlen (output)")
-    batch_rows: int = Field(8, ge=1, description="rows per scoring batch (output)")
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="scoring precision; auto: bf16 on GPU, fp32 on CPU (output)")
+    model: str | None = Field(None, description="entropy model: 'default' (shipped) or NAME[@vN]; entropy schemes default to 'default', other schemes score only when given")
+    rule: PatchRule = Field(default_factory=PatchRule, description="the patch rule")
+    entropies: bool = Field(True, description="store the entropies column when the job scores")
+    chunks: list[int] | None = Field(None, description="patch only these train chunks of a shuffled dataset (and all of val); None: everything")
+    unit_bytes: int = Field(16 * 10**6, ge=1024, le=1 << 30, description="input bytes (JSON lines) per unit of work")
+    row_len: int | None = Field(None, ge=1, description="scoring row length in tokens; None: the model's max_seqlen")
+    batch_rows: int = Field(8, ge=1, description="rows per scoring batch (results do not depend on it: batch invariance)")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="scoring precision; auto: bf16 on GPU, fp32 on CPU")
     workers: int = Field(2, ge=1, description="scoring actors")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; > 0 scores on CUDA")
     cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per actor; fractional so a pool never starves the rest")
@@ -100,17 +93,13 @@ class PatchJobConfig(BaseModel):
     @model_validator(mode="after")
     def _rule_is_complete(self) -> "PatchJobConfig":
         check_name(self.name)
-        if self.scheme in ENTROPY_SCHEMES:
-            if (self.threshold is None) == (self.target_patch_size is None):
-                raise ValueError(f"scheme {self.scheme!r} needs exactly one of threshold (--threshold) and target_patch_size (--target-patch-size)")
-        elif self.threshold is not None or self.target_patch_size is not None:
-            raise ValueError(f"scheme {self.scheme!r} takes no threshold or target patch size")
+        self.rule.require_threshold_or_target("threshold (--threshold) and target_patch_size (--target-patch-size)")
         return self
 
     @property
     def model_ref(self) -> str | None:
         """The model actually used: None when nothing needs scoring."""
-        if self.scheme in ENTROPY_SCHEMES:
+        if self.rule.scheme in ENTROPY_SCHEMES:
             return self.model or DEFAULT_MODEL
         return self.model if self.entropies else None
 
@@ -170,22 +159,30 @@ def resolve_model(registry: Registry, ref: str) -> ModelInfo:
 
 def _job_payload(cfg: PatchJobConfig, docs: Manifest, model: ModelInfo | None) -> dict[str, Any]:
     """Everything that decides the output, and nothing that only decides how it is computed."""
+    rule = cfg.rule
     return {
         "step": "patch",
         "input": docs.id,
         "model_sha256": model.sha256 if model else None,
-        "scheme": cfg.scheme,
-        "threshold": cfg.threshold,
-        "target_patch_size": cfg.target_patch_size,
-        "calibration_bytes": cfg.calibration_bytes if cfg.target_patch_size is not None else None,
-        "max_patch_length": cfg.max_patch_length,
-        "patch_size": cfg.patch_size if cfg.scheme == "static" else None,
+        "scheme": rule.scheme,
+        "threshold": rule.threshold,
+        "target_patch_size": rule.target_patch_size,
+        "calibration_bytes": rule.calibration_bytes if rule.target_patch_size is not None else None,
+        "max_patch_length": rule.max_patch_length,
+        "patch_size": rule.patch_size if rule.scheme == "static" else None,
         "entropies": bool(model) and cfg.entropies,
         "unit_bytes": cfg.unit_bytes,
-        "scoring": {"row_len": cfg.row_len, "batch_rows": cfg.batch_rows, "device": cfg.device, "dtype": cfg.resolved_dtype} if model else None,
+        "scoring": _scoring(cfg, model),
         # Only when set: job ids of whole-dataset jobs stay what they were.
         **({"chunks": sorted(set(cfg.chunks))} if cfg.chunks is not None else {}),
     }
+
+
+def _scoring(cfg: PatchJobConfig, model: ModelInfo | None) -> dict[str, Any] | None:
+    """How this run scored (recorded in the manifest, not part of the job id)."""
+    if model is None:
+        return None
+    return {"row_len": cfg.row_len, "batch_rows": cfg.batch_rows, "device": cfg.device, "dtype": cfg.resolved_dtype}
 
 
 def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
@@ -198,7 +195,7 @@ def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
         output_dir=registry.dataset_dir(cfg.name),
         name=cfg.name,
         job_id=job_id,
-        patch=PatchConfig(scheme=cfg.scheme, threshold=cfg.threshold, max_patch_length=cfg.max_patch_length, patch_size=cfg.patch_size),
+        patch=cfg.rule,
         keep_entropies=bool(model) and cfg.entropies,
     )
     try:
@@ -325,24 +322,16 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
 
 
-def _calibrate(registry: Registry, plan: PatchPlan, pool: _Pool) -> Calibration:
-    """The threshold for the target patch size: stored once per job, reused by every rerun."""
+def _calibration_sample(registry: Registry, plan: PatchPlan, pool: _Pool) -> list[np.ndarray]:
+    """Entropies of the calibration sample, scored by the first actor (replaced if it dies)."""
     cfg = plan.config
-    rel = f"{plan.spec.job_dir}/calibration.json"
-    if not registry.store.exists(rel):
-        texts = calibration_sample(registry.store, plan.spec.input_dir, plan.units, cfg.calibration_bytes)
-        for attempt in range(cfg.retries + 1):
-            try:
-                entropies = ray.get(pool.actors[0].score.remote(texts))
-                break
-            except ray.exceptions.RayActorError:
-                pool.replace(0)
-                if attempt == cfg.retries:
-                    raise PatchJobError("the worker scoring the calibration sample kept dying") from None
-        calibration = calibrate_threshold(entropies, cfg.target_patch_size, scheme=cfg.scheme, max_patch_length=cfg.max_patch_length)
-        registry.store.put_if_absent(rel, calibration.model_dump_json(indent=2).encode())
-    # Whoever stored it first wins: a concurrent run may have scored with other float noise.
-    return Calibration.model_validate_json(registry.store.read_bytes(rel))
+    texts = calibration_sample(registry.store, plan.spec.input_dir, plan.units, cfg.rule.calibration_bytes)
+    for attempt in range(cfg.retries + 1):
+        try:
+            return ray.get(pool.actors[0].score.remote(texts))
+        except ray.exceptions.RayActorError:
+            pool.replace(0)
+    raise PatchJobError("the worker scoring the calibration sample kept dying")
 
 
 def _run_units(plan: PatchPlan, spec: UnitSpec, todo: list[Unit], pool: _Pool, bar: tqdm, records: dict[int, UnitRecord]) -> None:
@@ -396,15 +385,14 @@ def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = Fals
     records = load_records(registry.store, spec)
     todo = [u for u in plan.units if u.index not in records]
     calibration = None
-    needs_calibration = cfg.target_patch_size is not None
+    needs_calibration = cfg.rule.target_patch_size is not None
     if todo or needs_calibration:
         store_url = registry.store.root if registry.store.is_local else registry.store.url
         started = _connect(cfg)
         pool = _Pool(max(1, min(cfg.workers, len(todo))), store_url, plan.model, cfg)
         try:
-            if needs_calibration:
-                calibration = _calibrate(registry, plan, pool)
-                spec = spec.model_copy(update={"patch": spec.patch.model_copy(update={"threshold": calibration.threshold})})
+            rule, calibration = calibrated(registry.store, spec.job_dir, cfg.rule, lambda: _calibration_sample(registry, plan, pool))
+            spec = spec.model_copy(update={"patch": rule})
             if records:
                 log.info("resuming job %s: %d of %d units done", plan.job_id, len(records), len(plan.units))
             total = sum(u.bytes for u in plan.units)
@@ -428,32 +416,15 @@ def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, records: dict[i
         if record is None or record.part.rows != unit.stop - unit.start:
             raise PatchJobError(f"unit {unit.index} has no valid completion record; rerun the job")
         ordered.append(record)
-    stats = sum((r.stats for r in ordered), DatasetStats())  # in unit order: float sums are reproducible
-    splits = Counter()
-    for r in ordered:
-        splits[r.part.split] += r.part.rows
     cfg = plan.config
     params = {
         "input": plan.docs.ref,
         "input_id": plan.docs.id,
         "model": plan.model.model_dump() if plan.model else None,
-        "scheme": cfg.scheme,
-        "threshold": spec.patch.threshold,
-        "target_patch_size": cfg.target_patch_size,
-        "calibration": calibration.model_dump() if calibration else None,
-        "max_patch_length": cfg.max_patch_length,
-        "patch_size": cfg.patch_size if cfg.scheme == "static" else None,
-        "entropies": spec.keep_entropies,
         "unit_bytes": cfg.unit_bytes,
         "chunks": cfg.chunks,
         "num_units": len(plan.units),
-        "scoring": _job_payload(cfg, plan.docs, plan.model)["scoring"],
+        "scoring": _scoring(cfg, plan.model),
     }
     parents = [plan.docs.ref] + ([plan.model.ref] if plan.model else [])
-    manifest = Manifest(
-        name=cfg.name, kind="patches", job_id=plan.job_id, parents=parents, params=params,
-        arrow_schema=arrow_schema_summary(spec.keep_entropies),
-        parts=[r.part for r in ordered], stats=stats.model_copy(update={"splits": dict(sorted(splits.items()))}),
-    )
-    return registry.commit(manifest)
-
+    return commit_patches(registry, spec, ordered, cfg.rule, calibration, parents, params)

@@ -516,11 +516,13 @@ def check_command(words: list[str], where: str, strict: bool):
     except CLICK_EXCEPTION as e:
         pytest.fail(f"{where}: `{' '.join(words)}`: {e.format_message()}")
     if leaf == "patch" and not ctx.params.get("config"):
+        from blt_data.patching import PatchRule
         from pipelines.patch_job import PatchJobConfig
 
         given = {k: v for k, v in ctx.params.items() if k in PatchJobConfig.model_fields and v is not None}
+        rule = {k: v for k, v in ctx.params.items() if k in PatchRule.model_fields and v is not None}
         try:
-            PatchJobConfig(**given)
+            PatchJobConfig(**given, rule=rule)
         except ValidationError as e:
             pytest.fail(f"{where}: `{' '.join(words)}`: {e.errors()[0]['msg']}")
     return ctx

@@ -18,7 +18,7 @@ from blt_data.download import DownloadConfig, download
 from blt_data.inspect import InspectError, cut_at_character, write_inspect_page
 from blt_data.patch_units import UnitSpec, patch_unit, plan_units
 from blt_data.patches import arrow_schema_summary
-from blt_data.patching import PatchConfig
+from blt_data.patching import PatchRule
 from blt_data.registry import Manifest, Registry, RegistryError
 from blt_data.repatch import RepatchConfig, repatch
 from blt_data.shuffle import shuffle_documents
@@ -50,9 +50,9 @@ def build_lineage(reg: Registry, tmp_path: Path) -> dict[str, Manifest]:
     shuf = shuffle_documents(reg, "docs", "shuf", num_chunks=1, seed=7, memory_bytes=1 << 20, val_docs=0)
     ent = register_entropy_model(reg, tiny_model(n_layers=1), "ent", "entjob", [shuf.ref], {"val_bpb": 7.5})
     model = {"ref": ent.ref, "sha256": ent.params["sha256"]}
-    pat = patch_dataset(reg, shuf, "pat", PatchConfig(scheme="entropy", threshold=1.0), fake_score, [shuf.ref, ent.ref], model)
-    rep = repatch(reg, RepatchConfig(patches="pat", name="rep", scheme="monotonic", threshold=0.5, max_patch_length=3))
-    nent = patch_dataset(reg, shuf, "nent", PatchConfig(scheme="space"), None, [shuf.ref], None)
+    pat = patch_dataset(reg, shuf, "pat", PatchRule(scheme="entropy", threshold=1.0), fake_score, [shuf.ref, ent.ref], model)
+    rep = repatch(reg, RepatchConfig(patches="pat", name="rep", rule=PatchRule(scheme="monotonic", threshold=0.5, max_patch_length=3)))
+    nent = patch_dataset(reg, shuf, "nent", PatchRule(scheme="space"), None, [shuf.ref], None)
     return {"docs": docs, "shuf": shuf, "ent": ent, "pat": pat, "rep": rep, "nent": nent}
 
 

@@ -15,7 +15,7 @@ from blt_data.patch_units import UnitSpec, load_records, patch_unit, plan_units,
 from blt_data.patches import (
     build_table, entropies_array, part_metadata, read_part, write_part,
 )
-from blt_data.patching import PatchConfig, patch_lengths, patch_lengths_arrow
+from blt_data.patching import PatchRule, patch_lengths, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry
 from blt_data.repatch import RepatchConfig, RepatchError, repatch
 from blt_data.stats import ENTROPY_BINS, DatasetStats
@@ -44,7 +44,7 @@ def docs_dataset(reg: Registry, n: int = 40, part_bytes: int = 300) -> Manifest:
 def table_of(texts, entropies=True):
     text = pa.array(texts, pa.large_string())
     ents = entropies_array([np.asarray(e).astype(np.float16) for e in fake_score(texts)]) if entropies else None
-    cfg = PatchConfig(scheme="entropy", threshold=1.0) if entropies else PatchConfig(scheme="space")
+    cfg = PatchRule(scheme="entropy", threshold=1.0) if entropies else PatchRule(scheme="space")
     pl = patch_lengths_arrow(text, ents, cfg)
     return build_table([f"id{i}" for i in range(len(texts))], text, pl, ents)
 
@@ -108,7 +108,7 @@ def test_patch_unit_writes_part_then_record_and_verify_checks_content(local_stor
     docs = docs_dataset(reg)
     units = plan_units(reg, docs, unit_bytes=400)
     spec = UnitSpec(input_dir=reg.dataset_dir("docs"), output_dir=reg.dataset_dir("out"), name="out", job_id="jj",
-                    patch=PatchConfig(scheme="entropy", threshold=1.2), keep_entropies=True)
+                    patch=PatchRule(scheme="entropy", threshold=1.2), keep_entropies=True)
     records = [patch_unit(reg.store, u, spec, fake_score) for u in units]
     assert load_records(reg.store, spec) == {r.unit: r for r in records}
     table = read_part(reg.store, f"{spec.job_dir}/part-000000.parquet")
@@ -140,7 +140,7 @@ def test_repatch_refuses_what_it_cannot_use(local_store_url):
     reg = Registry(Store.open(local_store_url))
     docs_dataset(reg)
     with pytest.raises(RepatchError, match="is a documents dataset"):
-        repatch(reg, RepatchConfig(patches="docs", name="r", threshold=1.0))
+        repatch(reg, RepatchConfig(patches="docs", name="r", rule=PatchRule(threshold=1.0)))
     with pytest.raises(ValueError, match="exactly one of threshold and target_patch_size"):
         RepatchConfig(patches="docs", name="r")
-    assert json.loads(RepatchConfig(patches="p", name="r", threshold=2).model_dump_json())["scheme"] == "entropy"
+    assert json.loads(RepatchConfig(patches="p", name="r", rule=PatchRule(threshold=2)).model_dump_json())["rule"]["scheme"] == "entropy"

@@ -22,7 +22,7 @@ import torch
 from blt_data.patches import (
     arrow_schema_summary, build_table, entropies_array, part_name, write_part,
 )
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.reader import (
     IGNORE_INDEX, Reader, ReaderConfig, ReaderError, build_val_reader, empty_batch, epoch_order, merge_states,
 )
@@ -31,7 +31,7 @@ from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 T, B, BLOCK = 64, 2, 4
-PATCH = PatchConfig(scheme="space")  # long runs without spaces make patches longer than a row
+PATCH = PatchRule(scheme="space")  # long runs without spaces make patches longer than a row
 
 
 def make_texts(n: int, seed: int, prefix: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from blt_data.documents import iter_documents
 from blt_data.download import DownloadConfig, download
 from blt_data.entropy import score_document_alone
 from blt_data.patches import read_patches
-from blt_data.patching import PatchConfig, patch_lengths
+from blt_data.patching import PatchRule, patch_lengths
 from blt_data.registry import Registry
 from blt_data.repatch import RepatchConfig, repatch
 from blt_data.storage import Store
@@ -44,7 +44,8 @@ def stdlib_docs(store_url: str) -> Registry:
 
 
 def job(**kw) -> PatchJobConfig:
-    return PatchJobConfig(**{"docs": "std", "name": "p", "unit_bytes": 16_000, "workers": 2, **kw})
+    rule = PatchRule(**{k: kw.pop(k) for k in list(kw) if k in PatchRule.model_fields})
+    return PatchJobConfig(**{"docs": "std", "name": "p", "unit_bytes": 16_000, "workers": 2, "rule": rule, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_end_to_end_layout_lineage_and_content(base):
     stored = np.array(table.column("entropies")[row].as_py(), np.float16)
     np.testing.assert_allclose(stored.astype(np.float32), score_document_alone(model, text), atol=2e-2, rtol=2e-3)
     for text, pl, ent in zip(*(table.column(c).to_pylist() for c in ("text", "patch_lengths", "entropies"))):
-        assert pl == patch_lengths(text, np.array(ent, np.float16), PatchConfig(threshold=2.5)).tolist()
+        assert pl == patch_lengths(text, np.array(ent, np.float16), PatchRule(threshold=2.5)).tolist()
 
     parts = [reg.store.path(reg.part_path(m, p)) for p in m.parts]
     assert pds.dataset(parts, format="parquet").count_rows() == 12
@@ -92,7 +93,7 @@ def test_end_to_end_layout_lineage_and_content(base):
 
 def test_repatch_equals_patching_again(base):
     reg = base.reg
-    repatched = repatch(reg, RepatchConfig(patches="p", name="r3", threshold=3.0))
+    repatched = repatch(reg, RepatchConfig(patches="p", name="r3", rule=PatchRule(threshold=3.0)))
     again = run_patch_job(reg, job(name="p3", threshold=3.0))
     assert repatched.parents == ["p@v1"] and repatched.params["model"]["sha256"] == DEFAULT_SHA256
     assert read_patches(reg, repatched).equals(read_patches(reg, again))
@@ -107,7 +108,7 @@ def test_schemes_without_a_model(base, scheme, extra):
     assert m.parents == ["std@v1"] and m.params["model"] is None and "entropies" not in m.arrow_schema
     table = read_patches(reg, m)
     assert "entropies" not in table.column_names
-    cfg = PatchConfig(scheme=scheme, **extra)
+    cfg = PatchRule(scheme=scheme, **extra)
     for text, pl in zip(table.column("text").to_pylist(), table.column("patch_lengths").to_pylist()):
         assert pl == patch_lengths(text, None, cfg).tolist()
     assert verify(reg, m) == []
@@ -122,7 +123,7 @@ def test_worker_killed_mid_unit(base, caplog):
         m = run_patch_job(reg, job(name="mono", scheme="monotonic", threshold=0.5, fault=FaultInjection(unit=1, kind="exit")))
     assert "worker of unit 1 died" in caplog.text
     assert verify(reg, m) == []  # ids equal the input's, none doubled, every length adds up
-    expected = repatch(reg, RepatchConfig(patches="p", name="mono-ref", scheme="monotonic", threshold=0.5))
+    expected = repatch(reg, RepatchConfig(patches="p", name="mono-ref", rule=PatchRule(scheme="monotonic", threshold=0.5)))
     assert read_patches(reg, m, ["id", "patch_lengths"]).equals(read_patches(reg, expected, ["id", "patch_lengths"]))
 
 
