@@ -57,6 +57,7 @@ from blt_data.entropy import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID
 from blt_data.patches import FORMAT, FORMAT_VERSION, ROW_GROUP_ROWS
 from blt_data.registry import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError
+from blt_data.jobs import EXECUTION
 from blt_data.prefetch import in_background
 from blt_data.storage import Store
 
@@ -78,7 +79,7 @@ class ReaderConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="B: rows per batch, per rank")
     seed: int = Field(0, ge=0, description="seed of the per-epoch block order")
     epochs: int | None = Field(None, ge=1, description="passes over the split; None = forever")
-    prefetch: int = Field(4, ge=0, description="batches prepared ahead on a background thread; 0 = none")
+    prefetch: int = Field(4, ge=0, description="batches prepared ahead on a background thread; 0 = none", json_schema_extra=EXECUTION)
     read_ahead: int = Field(2, ge=1, description="blocks downloaded and decoded concurrently ahead of the packer")
     block_documents: int = Field(
         ROW_GROUP_ROWS, ge=1,

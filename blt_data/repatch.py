@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from blt_data.calibrate import calibrated
+from blt_data.jobs import output_fields
 from blt_data.patch_units import UnitRecord, UnitSpec, commit_patches, load_records, record_path
 from blt_data.patches import build_table, has_entropies, part_name, read_part, write_part
 from blt_data.patching import ENTROPY_SCHEMES, PatchRule, patch_lengths_arrow
@@ -82,7 +83,7 @@ def repatch(registry: Registry, cfg: RepatchConfig, progress: bool = False) -> M
             "repatch needs them: run blt-data patch again with entropies on"
         )
     # patch_size is left out: entropy schemes never use it (and job ids stay what they were).
-    job_id = job_hash({"step": "repatch", "input": parent.id, **cfg.rule.model_dump(exclude={"patch_size"})})
+    job_id = job_hash({"step": "repatch", "input": parent.id, **output_fields(cfg.rule, exclude={"patch_size"})})
     existing = registry.find_job(cfg.name, job_id)
     if existing is not None:
         return existing

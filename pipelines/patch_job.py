@@ -10,9 +10,12 @@ every unit has a record. A rerun of the same job (same job id) skips every unit 
 so killing the driver and starting it again recomputes nothing that finished, and its result
 is the same bytes as an uninterrupted run's.
 
-The job id hashes what decides the output: the input manifest id, the model's sha256, the patch
-rule (with the *target* patch size, not the calibrated threshold), whether entropies are
-stored, the unit size and the scoring settings. The calibrated threshold is itself output: it is
+The job id hashes what decides the output: the input manifest id, the model's sha256 and the
+config's output fields (``blt_data.jobs``): the patch rule (with the *target* patch size, not the
+calibrated threshold), whether entropies are stored, the unit size, the scoring row length and
+precision. Workers, device, batch sizes and retries are execution fields, so a job started on a
+laptop can be finished on a GPU cluster (with ``dtype`` set explicitly: ``auto`` means fp32 on
+CPU and bf16 on GPU, two different outputs). The calibrated threshold is itself output: it is
 stored once in the job folder (``calibration.json``, put-if-absent) and every later run reuses it.
 
 Where it runs is configuration alone: without ``ray_address`` a local Ray on this machine's CPUs
@@ -38,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from blt_data.calibrate import Calibration, calibrated
+from blt_data.jobs import EXECUTION, output_fields
 from blt_data.patch_units import (
     Unit, UnitRecord, UnitSpec, calibration_sample, commit_patches, load_records, patch_unit, plan_units,
 )
@@ -67,7 +71,7 @@ class FaultInjection(BaseModel):
 
 
 class PatchJobConfig(BaseModel):
-    """Everything `blt-data patch` runs with; the job id hashes the patch rule, entropies, chunks, unit size and scoring settings."""
+    """Everything `blt-data patch` runs with. Fields marked EXECUTION stay out of the job id."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -79,16 +83,16 @@ class PatchJobConfig(BaseModel):
     chunks: list[int] | None = Field(None, description="patch only these train chunks of a shuffled dataset (and all of val); None: everything")
     unit_bytes: int = Field(16 * 10**6, ge=1024, le=1 << 30, description="input bytes (JSON lines) per unit of work")
     row_len: int | None = Field(None, ge=1, description="scoring row length in tokens; None: the model's max_seqlen")
-    batch_rows: int = Field(8, ge=1, description="rows per scoring batch (results do not depend on it: batch invariance)")
+    batch_rows: int = Field(8, ge=1, description="rows per scoring batch (results do not depend on it: batch invariance)", json_schema_extra=EXECUTION)
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="scoring precision; auto: bf16 on GPU, fp32 on CPU")
-    workers: int = Field(2, ge=1, description="scoring actors")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; > 0 scores on CUDA")
-    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per actor; fractional so a pool never starves the rest")
-    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per actor; None: max(1, cpus_per_worker)")
-    ray_address: str | None = Field(None, description="Ray cluster to join; None: a local Ray (either way, a Ray already initialised in this process is used as it is)")
-    local_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; None: this machine's")
-    retries: int = Field(3, ge=0, description="attempts after the first before the job fails")
-    fault: FaultInjection | None = Field(None, description="testing: inject a failure into one unit")
+    workers: int = Field(2, ge=1, description="scoring actors", json_schema_extra=EXECUTION)
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; > 0 scores on CUDA", json_schema_extra=EXECUTION)
+    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per actor; fractional so a pool never starves the rest", json_schema_extra=EXECUTION)
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per actor; None: max(1, cpus_per_worker)", json_schema_extra=EXECUTION)
+    ray_address: str | None = Field(None, description="Ray cluster to join; None: a local Ray (either way, a Ray already initialised in this process is used as it is)", json_schema_extra=EXECUTION)
+    local_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; None: this machine's", json_schema_extra=EXECUTION)
+    retries: int = Field(3, ge=0, description="attempts after the first before the job fails", json_schema_extra=EXECUTION)
+    fault: FaultInjection | None = Field(None, description="testing: inject a failure into one unit", json_schema_extra=EXECUTION)
 
     @model_validator(mode="after")
     def _rule_is_complete(self) -> "PatchJobConfig":
@@ -158,24 +162,12 @@ def resolve_model(registry: Registry, ref: str) -> ModelInfo:
 
 
 def _job_payload(cfg: PatchJobConfig, docs: Manifest, model: ModelInfo | None) -> dict[str, Any]:
-    """Everything that decides the output, and nothing that only decides how it is computed."""
-    rule = cfg.rule
-    return {
-        "step": "patch",
-        "input": docs.id,
-        "model_sha256": model.sha256 if model else None,
-        "scheme": rule.scheme,
-        "threshold": rule.threshold,
-        "target_patch_size": rule.target_patch_size,
-        "calibration_bytes": rule.calibration_bytes if rule.target_patch_size is not None else None,
-        "max_patch_length": rule.max_patch_length,
-        "patch_size": rule.patch_size if rule.scheme == "static" else None,
-        "entropies": bool(model) and cfg.entropies,
-        "unit_bytes": cfg.unit_bytes,
-        "scoring": _scoring(cfg, model),
-        # Only when set: job ids of whole-dataset jobs stay what they were.
-        **({"chunks": sorted(set(cfg.chunks))} if cfg.chunks is not None else {}),
-    }
+    """Everything that decides the output, and nothing that only decides how it is computed
+    (the config's EXECUTION fields: workers, device, batch sizes, retries)."""
+    fields = output_fields(cfg, exclude={"docs", "model", "name"})
+    if model:  # "auto" is another precision on another device
+        fields["dtype"] = cfg.resolved_dtype
+    return {"step": "patch", "input": docs.id, "model_sha256": model.sha256 if model else None, "config": fields}
 
 
 def _scoring(cfg: PatchJobConfig, model: ModelInfo | None) -> dict[str, Any] | None:

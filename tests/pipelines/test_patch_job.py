@@ -31,7 +31,7 @@ from blt_data.repatch import RepatchConfig, repatch
 from blt_data.storage import Store
 from blt_data.verify import verify
 from blt_model.entropy_registry import load_default_entropy_model
-from pipelines.patch_job import FaultInjection, PatchJobConfig, PatchJobError, run_patch_job
+from pipelines.patch_job import FaultInjection, PatchJobConfig, PatchJobError, plan_patch_job, run_patch_job
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SHA256 = "bf4326e9c435f334d19c3bd80d4661c88de9f7245f4b57fd26bd1dcc1c416827"
@@ -159,6 +159,31 @@ def test_driver_killed_then_rerun_recomputes_nothing_and_matches(base, ray_local
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # not recomputed
     assert m.job_id == base.patched.job_id
     assert m.parts == base.patched.parts and m.stats == base.patched.stats
+    assert verify(reg, m) == []
+
+
+def test_other_execution_settings_resume_the_same_job(base):
+    """Workers, batch sizes, retries and threads are execution settings: a job planned with other
+    ones has the same id, and finishes the units another run left instead of starting over."""
+    reg = base.reg
+    first = job(name="moved", threshold=2.5, workers=1, batch_rows=8, retries=0,
+                fault=FaultInjection(unit=3, kind="raise", attempts=99))
+    later = job(name="moved", threshold=2.5, workers=2, batch_rows=3, retries=5, cpus_per_worker=0.25,
+                threads_per_worker=1)
+    assert plan_patch_job(reg, first).job_id == plan_patch_job(reg, later).job_id == base.patched.job_id
+    assert plan_patch_job(reg, job(name="moved", threshold=2.5, row_len=64)).job_id != base.patched.job_id
+    with pytest.raises(PatchJobError, match="unit 3"):
+        run_patch_job(reg, first)
+    done_dir = Path(base.store) / "datasets/moved/_jobs" / base.patched.job_id / "_done"
+    records = sorted(done_dir.glob("unit-*.json"))
+    finished = records + [done_dir.parent / f"part-{r.stem.split('-')[1]}.parquet" for r in records]
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
+    assert 1 <= len(records) < 6 and reg.versions("moved") == []
+
+    m = run_patch_job(reg, later)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # not recomputed
+    assert m.job_id == base.patched.job_id and len(m.parts) == 6
+    assert m.params["scoring"]["batch_rows"] == 3  # the run that finished it
     assert verify(reg, m) == []
 
 
