@@ -42,11 +42,7 @@ import numpy as np
 import torch
 
 from blt_data.prefetch import in_background
-
-PAD_ID = 0  # also BLT's BOE
-BOS_ID = 1
-EOS_ID = 2
-BYTE_OFFSET = 4  # byte b has token id b + 4
+from blt_data.tokens import BOS_ID, BYTE_OFFSET, PAD_ID
 
 
 class ScoringModel(Protocol):

@@ -177,6 +177,16 @@ class Registry:
             raise RegistryError(f"{manifest.ref} is a {manifest.kind} dataset, expected {' or '.join(kinds)}")
         return manifest
 
+    def resolve_any(self, ref: str) -> Manifest:
+        """A dataset reference, or failing that a model reference (the dataset's error if neither)."""
+        try:
+            return self.resolve(ref)
+        except RegistryError as first:
+            try:
+                return self.resolve(ref, area="models")
+            except RegistryError:
+                raise first from None
+
     def find_job(self, name: str, job_id: str, area: str = "datasets") -> Manifest | None:
         """The committed version made by this exact job, if any (a rerun then reuses it)."""
         for v in reversed(self.versions(name, area)):

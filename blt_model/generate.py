@@ -15,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
+from blt_data.entropy import score_document_alone
 from blt_data.patching import ENTROPY_SCHEMES, PatchRule, patch_lengths
 from blt_data.registry import Registry
+from blt_data.tokens import BOS_ID, BYTE_OFFSET
 from blt_model.distributed import TrainingError
 from blt_model.entropy_registry import load_entropy_model_ref
 from blt_model.train import load_trained_blt

@@ -41,9 +41,10 @@ from pydantic import ConfigDict, Field
 from tqdm import tqdm
 
 from blt_data.documents import iter_lines
-from blt_data.entropy import BYTE_OFFSET, document_tokens
+from blt_data.entropy import document_tokens
 from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
+from blt_data.tokens import BYTE_OFFSET
 from blt_model.configs import build_config, preset_file
 from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig

@@ -269,7 +269,7 @@ def inspect_page(
 ) -> None:
     """A static HTML page of a patches dataset: documents shaded by entropy with patch boundaries,
     entropy traces, the patch-length histogram, lineage and the manifest. Opens offline."""
-    from blt_data.inspect import write_inspect_page
+    from blt_data.inspection import write_inspect_page
 
     try:
         index = write_inspect_page(open_registry(store), ref, out, doc_ids=doc, n_docs=docs, max_bytes=max_bytes)
@@ -277,17 +277,6 @@ def inspect_page(
         fail(str(e))
     typer.echo(f"wrote {index}")
     typer.echo(f"open {index.resolve().as_uri()}")
-
-def resolve_any(reg: Registry, ref: str) -> Manifest:
-    """A dataset reference, or failing that a model reference."""
-    try:
-        return reg.resolve(ref)
-    except RegistryError as first:
-        try:
-            return reg.resolve(ref, area="models")
-        except RegistryError:
-            raise first from None
-
 
 @registry_app.command("list")
 def registry_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
@@ -320,7 +309,7 @@ def registry_show(
     """A manifest: lineage, parameters, parts and statistics."""
     try:
         reg = open_registry(store)
-        m = resolve_any(reg, ref)
+        m = reg.resolve_any(ref)
     except EXPECTED_ERRORS as e:
         fail(str(e))
     if as_json:
@@ -397,7 +386,7 @@ def registry_verify(
     """Re-hash every part and recount its rows; exits 1 on any mismatch."""
     try:
         reg = open_registry(store)
-        m = resolve_any(reg, ref)
+        m = reg.resolve_any(ref)
         problems = verify(reg, m, progress=not quiet)
     except EXPECTED_ERRORS as e:
         fail(str(e))

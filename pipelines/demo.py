@@ -18,7 +18,7 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from blt_data.download import DownloadConfig, download
-from blt_data.inspect import write_inspect_page
+from blt_data.inspection import write_inspect_page
 from blt_data.patching import PatchRule
 from blt_data.registry import Manifest, Registry
 from blt_data.shuffle import shuffle_documents

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from blt_data.download import DownloadConfig, download
-from blt_data.inspect import InspectError, cut_at_character, write_inspect_page
+from blt_data.inspection import InspectError, cut_at_character, write_inspect_page
 from blt_data.patch_units import UnitSpec, patch_unit, plan_units
 from blt_data.patches import arrow_schema_summary
 from blt_data.patching import PatchRule
