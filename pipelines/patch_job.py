@@ -27,6 +27,7 @@ credentials come from the workers' own environment or instance role, never from 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -53,6 +54,8 @@ from blt_data.storage import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"  # the shipped model (blt_model.entropy_registry.DEFAULT_MODEL)
+RECORDED_RULE_FILE = "patching.json"  # beside the shipped model: the threshold it was calibrated for
+RULE_OPTIONS = "threshold (--threshold) and target_patch_size (--target-patch-size)"
 # Store settings the workers need and that are safe to pass along (no credentials).
 STORE_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "BLT_STORE")
 
@@ -97,7 +100,8 @@ class PatchJobConfig(BaseModel):
     @model_validator(mode="after")
     def _rule_is_complete(self) -> "PatchJobConfig":
         check_name(self.name)
-        self.rule.require_threshold_or_target("threshold (--threshold) and target_patch_size (--target-patch-size)")
+        if self.rule.scheme != "entropy":  # `entropy` may take the threshold recorded with its model
+            self.rule.require_threshold_or_target(RULE_OPTIONS)
         return self
 
     @property
@@ -121,6 +125,19 @@ class PatchJobConfig(BaseModel):
 class ModelInfo(BaseModel):
     ref: str  # "default" or NAME@vN
     sha256: str
+    threshold: float | None = None  # nats: the `entropy` scheme's threshold recorded with the model
+
+
+def with_recorded_threshold(registry: Registry, cfg: PatchJobConfig) -> PatchJobConfig:
+    """The config as it runs: the `entropy` scheme with neither a threshold nor a target patch
+    size takes the threshold recorded with its model (the same job as giving it explicitly)."""
+    rule = cfg.rule
+    if rule.scheme != "entropy" or rule.threshold is not None or rule.target_patch_size is not None:
+        return cfg
+    model = resolve_model(registry, cfg.model_ref)
+    if model.threshold is None:
+        raise PatchJobError(f"scheme 'entropy' needs exactly one of {RULE_OPTIONS}: model {model.ref} records no threshold")
+    return cfg.model_copy(update={"rule": rule.model_copy(update={"threshold": model.threshold})})
 
 
 @dataclass
@@ -156,9 +173,10 @@ def resolve_model(registry: Registry, ref: str) -> ModelInfo:
         path = DEFAULT_MODEL_DIR / WEIGHTS_FILE
         if not path.exists():
             raise FileNotFoundError(f"the shipped entropy model is missing from {DEFAULT_MODEL_DIR}")
-        return ModelInfo(ref=DEFAULT_MODEL, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+        recorded = json.loads((DEFAULT_MODEL_DIR / RECORDED_RULE_FILE).read_text())
+        return ModelInfo(ref=DEFAULT_MODEL, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), threshold=recorded["threshold"])
     manifest = registry.resolve(ref, area="models", kind="entropy-model")
-    return ModelInfo(ref=manifest.ref, sha256=manifest.params["sha256"])
+    return ModelInfo(ref=manifest.ref, sha256=manifest.params["sha256"], threshold=manifest.params.get("threshold"))
 
 
 def _job_payload(cfg: PatchJobConfig, docs: Manifest, model: ModelInfo | None) -> dict[str, Any]:
@@ -179,6 +197,7 @@ def _scoring(cfg: PatchJobConfig, model: ModelInfo | None) -> dict[str, Any] | N
 
 def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
     """Resolve the inputs, compute the job id and list the units; writes nothing."""
+    cfg = with_recorded_threshold(registry, cfg)
     docs = registry.resolve(cfg.docs, kind="documents")
     model = resolve_model(registry, cfg.model_ref) if cfg.model_ref else None
     job_id = job_hash(_job_payload(cfg, docs, model))
@@ -369,6 +388,7 @@ def _run_units(plan: PatchPlan, spec: UnitSpec, todo: list[Unit], pool: _Pool, b
 def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = False) -> Manifest:
     """Run (or resume, or reuse) a patch job; returns the committed manifest."""
     plan = plan_patch_job(registry, cfg)
+    cfg = plan.config
     existing = registry.find_job(cfg.name, plan.job_id)
     if existing is not None:
         log.info("%s was already made by job %s; reusing it", existing.ref, plan.job_id)
