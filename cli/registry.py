@@ -12,6 +12,8 @@ from cli.common import (
     EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, describe, fail, new_app, open_registry, parse_duration,
 )
 
+RefArg = Annotated[str, typer.Argument(help="A dataset or model: NAME or NAME@vN.")]
+
 app = new_app("List, show, verify and garbage-collect what the registry holds.")
 
 
@@ -39,7 +41,7 @@ def registry_list(store: StoreOpt = None, quiet: QuietOpt = False, as_json: Json
 
 @app.command("show")
 def registry_show(
-    ref: Annotated[str, typer.Argument(help="NAME or NAME@vN")],
+    ref: RefArg,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -104,7 +106,7 @@ def registry_gc(
 
 @app.command("verify")
 def registry_verify(
-    ref: Annotated[str, typer.Argument(help="NAME or NAME@vN")],
+    ref: RefArg,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
