@@ -125,7 +125,6 @@ class PatchJobConfig(BaseModel):
 class ModelInfo(BaseModel):
     ref: str  # "default" or NAME@vN
     sha256: str
-    threshold: float | None = None  # nats: the `entropy` scheme's threshold recorded with the model
 
 
 def with_recorded_threshold(registry: Registry, cfg: PatchJobConfig) -> PatchJobConfig:
@@ -135,9 +134,20 @@ def with_recorded_threshold(registry: Registry, cfg: PatchJobConfig) -> PatchJob
     if rule.scheme != "entropy" or rule.threshold is not None or rule.target_patch_size is not None:
         return cfg
     model = resolve_model(registry, cfg.model_ref)
-    if model.threshold is None:
+    threshold = recorded_threshold(registry, model)
+    if threshold is None:
         raise PatchJobError(f"scheme 'entropy' needs exactly one of {RULE_OPTIONS}: model {model.ref} records no threshold")
-    return cfg.model_copy(update={"rule": rule.model_copy(update={"threshold": model.threshold})})
+    return cfg.model_copy(update={"rule": rule.model_copy(update={"threshold": threshold})})
+
+
+def recorded_threshold(registry: Registry, model: ModelInfo) -> float | None:
+    """The `entropy` scheme's threshold (nats) recorded with a model: beside the shipped one
+    (``patching.json``), in a registered one's manifest params; None when it records none."""
+    if model.ref == DEFAULT_MODEL:
+        from blt_model.entropy_registry import DEFAULT_MODEL_DIR
+
+        return json.loads((DEFAULT_MODEL_DIR / RECORDED_RULE_FILE).read_text())["threshold"]
+    return registry.resolve(model.ref, area="models").params.get("threshold")
 
 
 @dataclass
@@ -173,10 +183,9 @@ def resolve_model(registry: Registry, ref: str) -> ModelInfo:
         path = DEFAULT_MODEL_DIR / WEIGHTS_FILE
         if not path.exists():
             raise FileNotFoundError(f"the shipped entropy model is missing from {DEFAULT_MODEL_DIR}")
-        recorded = json.loads((DEFAULT_MODEL_DIR / RECORDED_RULE_FILE).read_text())
-        return ModelInfo(ref=DEFAULT_MODEL, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), threshold=recorded["threshold"])
+        return ModelInfo(ref=DEFAULT_MODEL, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     manifest = registry.resolve(ref, area="models", kind="entropy-model")
-    return ModelInfo(ref=manifest.ref, sha256=manifest.params["sha256"], threshold=manifest.params.get("threshold"))
+    return ModelInfo(ref=manifest.ref, sha256=manifest.params["sha256"])
 
 
 def _job_payload(cfg: PatchJobConfig, docs: Manifest, model: ModelInfo | None) -> dict[str, Any]:
