@@ -30,10 +30,11 @@ import pyarrow.dataset as pds
 
 from blt_data.calibrate import calibrate_threshold
 from blt_data.meta_layout import MetaExportConfig, MetaImportConfig, export_meta, import_preprocessed
-from blt_data.patches import UnitStats, arrow_schema_summary, build_table, part_name, write_part
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patches import arrow_schema_summary, build_table, part_name, write_part
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry
 from blt_data.repatch import RepatchConfig, repatch
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 PART_BYTES = 64 * 10**6
@@ -49,9 +50,9 @@ def make_dataset(reg: Registry, total_bytes: int, seed: int) -> tuple[Manifest, 
     utf8 = alphabet[rng.integers(0, alphabet.size, int(lengths.sum()))]
     entropies = rng.gamma(2.0, 0.8, int(lengths.sum())).astype(np.float16)
     threshold = calibrate_threshold(entropies[: 2 * 10**6], 4.5, byte_lengths=_head(lengths, 2 * 10**6)).threshold
-    cfg = PatchConfig(scheme="entropy", threshold=threshold)
+    cfg = PatchRule(scheme="entropy", threshold=threshold)
     offsets = np.r_[0, np.cumsum(lengths)]
-    infos, stats, job = [], UnitStats(), "bench"
+    infos, stats, job = [], DatasetStats(), "bench"
     bounds = np.searchsorted(offsets, np.arange(0, offsets[-1], PART_BYTES))
     bounds = np.unique(np.r_[bounds, lengths.size])
     for index, (d0, d1) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -64,11 +65,11 @@ def make_dataset(reg: Registry, total_bytes: int, seed: int) -> tuple[Manifest, 
         table = build_table([f"doc-{i}" for i in range(d0, d1)], text, pl, ents, eos)
         infos.append(write_part(reg.store, f"{reg.job_dir('src', job)}/{part_name(index)}", f"_jobs/{job}/{part_name(index)}",
                                 table, dataset="src", job_id=job))
-        stats = stats + UnitStats.of(pl, None)
+        stats = stats + DatasetStats.of(pl, None)
     m = reg.commit(Manifest(name="src", kind="patches", job_id=job, arrow_schema=arrow_schema_summary(True, True), parts=infos,
                             params={"scheme": "entropy", "threshold": threshold, "max_patch_length": None,
                                     "model": {"ref": "bench@v1", "sha256": "0" * 64}},
-                            stats=stats.dataset_stats({"train": stats.documents})))
+                            stats=stats.model_copy(update={"splits": {"train": stats.documents}})))
     return m, threshold
 
 
@@ -118,10 +119,10 @@ def main() -> None:
         rows.append(("export --format meta", t))
         shard_bytes = sum(p.stat().st_size for p in export_dir.rglob("*.arrow"))
         t = timed(args.repeat, lambda: None, lambda: import_preprocessed(
-            reg, MetaImportConfig(source=str(export_dir), name=f"imp{next(counter)}", threshold=threshold)))
+            reg, MetaImportConfig(source=str(export_dir), name=f"imp{next(counter)}", rule=PatchRule(threshold=threshold))))
         rows.append(("import-preprocessed", t))
         t = timed(args.repeat, lambda: None, lambda: repatch(
-            reg, RepatchConfig(patches="src", name=f"rep{next(counter)}", threshold=threshold + 0.01)))
+            reg, RepatchConfig(patches="src", name=f"rep{next(counter)}", rule=PatchRule(threshold=threshold + 0.01))))
         rows.append(("repatch (reference)", t))
     finally:
         shutil.rmtree(root, ignore_errors=True)

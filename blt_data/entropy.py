@@ -53,12 +53,9 @@ import numpy as np
 import torch
 
 from blt_data.prefetch import in_background
+from blt_data.tokens import BOS_ID, BYTE_OFFSET, PAD_ID
 
-PAD_ID = 0  # also BLT's BOE
 HIDDEN_DOC_ID = -2  # doc id of carried keys no query may see (pads are -1, documents >= 0)
-BOS_ID = 1
-EOS_ID = 2
-BYTE_OFFSET = 4  # byte b has token id b + 4
 
 
 class ScoringModel(Protocol):

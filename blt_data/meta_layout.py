@@ -48,14 +48,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.calibrate import Calibration, calibrate_threshold
+from blt_data.calibrate import calibrated
 from blt_data.documents import PartWriter, encode_line, quarantine_record
 from blt_data.documents import part_name as documents_part_name
 from blt_data.patches import (
-    UnitStats, arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part, write_part,
+    arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part, write_part,
 )
-from blt_data.patching import PatchConfig, PatchedBatch, _cut, _lengths_from_starts, _round_down, patch_lengths_arrow
+from blt_data.patching import ENTROPY_SCHEMES, PatchedBatch, PatchRule, _cut, _lengths_from_starts, _round_down, patch_lengths_arrow
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError, check_name, job_hash
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 log = logging.getLogger(__name__)
@@ -430,11 +431,7 @@ class MetaImportConfig(BaseModel):
 
     source: str = Field(description="folder URL (local or s3://) holding *.shard_*.arrow files (searched recursively)")
     name: str = Field(description="name of the patches dataset to create")
-    scheme: Literal["entropy", "monotonic"] = "entropy"
-    threshold: float | None = Field(None, allow_inf_nan=False, description="nats")
-    target_patch_size: float | None = Field(None, gt=0, description="bytes per patch: calibrate the threshold")
-    max_patch_length: int | None = Field(None, ge=1)
-    calibration_bytes: int = Field(10**6, ge=1024, description="sample size for target_patch_size")
+    rule: PatchRule = Field(default_factory=PatchRule, description="an entropy scheme, with a threshold or a target patch size")
     model: str | None = Field(None, description="the entropy model: a registry model (NAME[@vN]) or Meta's name for it")
     skip_incomplete: bool = Field(False, description="import the shards that have a .complete marker, skip the rest")
     part_bytes: int = Field(256 * 10**6, ge=1, description="text bytes per Parquet part")
@@ -442,8 +439,9 @@ class MetaImportConfig(BaseModel):
     @model_validator(mode="after")
     def _one_rule(self) -> "MetaImportConfig":
         check_name(self.name)
-        if (self.threshold is None) == (self.target_patch_size is None):
-            raise ValueError("import-preprocessed needs exactly one of threshold and target_patch_size")
+        if self.rule.scheme not in ENTROPY_SCHEMES:
+            raise ValueError(f"import-preprocessed applies an entropy scheme ({' or '.join(ENTROPY_SCHEMES)}), not {self.rule.scheme!r}")
+        self.rule.require_threshold_or_target()
         return self
 
 
@@ -610,7 +608,7 @@ class ShardRecord(BaseModel):
     shard: str
     parts: list[PartInfo]
     quarantine: PartInfo | None = None
-    stats: UnitStats
+    stats: DatasetStats
     quarantined: int = 0
     damaged: list[dict] = Field(default_factory=list)
     duplicate_ids: int = 0
@@ -627,12 +625,12 @@ def _load_records(store: Store, job_dir: str) -> dict[int, ShardRecord]:
 
 
 def _import_shard(
-    registry: Registry, src: Store, unit: int, path: str, job_id: str, cfg: MetaImportConfig, patch: PatchConfig, seen: set[int],
+    registry: Registry, src: Store, unit: int, path: str, job_id: str, cfg: MetaImportConfig, patch: PatchRule, seen: set[int],
 ) -> ShardRecord:
     """Shard ``unit`` into parts ``part-<unit>-<j>.parquet`` (of about ``part_bytes`` of text)
     and a quarantine part, then its completion record: ``_jobs/<job-id>/_done/unit-<unit>.json``."""
     job_dir = registry.job_dir(cfg.name, job_id)
-    record = ShardRecord(unit=unit, shard=src.uri(path), parts=[], stats=UnitStats())
+    record = ShardRecord(unit=unit, shard=src.uri(path), parts=[], stats=DatasetStats())
     pending: list[pa.Table] = []
     pending_bytes = 0
     quarantine: PartWriter | None = None
@@ -669,7 +667,7 @@ def _import_shard(
         row += batch.num_rows
         patch_lengths = patch_lengths_arrow(rows.text, rows.entropies, patch)
         pending.append(build_table(ids, rows.text, patch_lengths, rows.entropies, rows.eos_entropy))
-        record.stats = record.stats + UnitStats.of(patch_lengths, rows.entropies.values.to_numpy(zero_copy_only=False))
+        record.stats = record.stats + DatasetStats.of(patch_lengths, rows.entropies.values.to_numpy(zero_copy_only=False))
         pending_bytes += int(pc.sum(pc.binary_length(rows.text)).as_py() or 0)
         if pending_bytes >= cfg.part_bytes:
             flush()
@@ -712,11 +710,7 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
     if existing is not None:
         return existing
     job_dir = registry.job_dir(cfg.name, job_id)
-    patch = PatchConfig(scheme=cfg.scheme, threshold=cfg.threshold, max_patch_length=cfg.max_patch_length)
-    calibration = None
-    if cfg.target_patch_size is not None:
-        calibration = _calibrate(src, shards, cfg)
-        patch = calibration.patch_config()
+    patch, calibration = calibrated(registry.store, job_dir, cfg.rule, lambda: _calibration_sample(src, shards, cfg.rule))
 
     records = _load_records(registry.store, job_dir)
     seen: set[int] = set()  # hashes of the ids so far: 8 bytes and a set slot per document
@@ -730,13 +724,15 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
                 records[unit] = _import_shard(registry, src, unit, path, job_id, cfg, patch, seen)
             bar.update(size)
     ordered = [records[u] for u in range(len(shards))]
-    stats = sum((r.stats for r in ordered), UnitStats())  # in shard order: float sums are reproducible
-    dataset_stats = stats.dataset_stats({"train": stats.documents})
-    dataset_stats.quarantined = sum(r.quarantined for r in ordered)
-    dataset_stats.damaged_files = [d for r in ordered for d in r.damaged]
-    dataset_stats.skipped_files = skipped
-    dataset_stats.duplicate_ids = sum(r.duplicate_ids for r in ordered)
-    dataset_stats.duplicate_id_examples = [x for r in ordered for x in r.duplicate_id_examples][:20]
+    stats = sum((r.stats for r in ordered), DatasetStats())  # in shard order: float sums are reproducible
+    dataset_stats = stats.model_copy(update={
+        "splits": {"train": stats.documents},
+        "quarantined": sum(r.quarantined for r in ordered),
+        "damaged_files": [d for r in ordered for d in r.damaged],
+        "skipped_files": skipped,
+        "duplicate_ids": sum(r.duplicate_ids for r in ordered),
+        "duplicate_id_examples": [x for r in ordered for x in r.duplicate_id_examples][:20],
+    })
     params = {
         "imported_from": "meta-preprocessed",
         "source": src.url,
@@ -744,11 +740,9 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
         "source_dataset": names["dataset"],
         "entropy_model_name": model_name or names["entropy_model_name"],
         "model": model_info,
-        "scheme": cfg.scheme,
+        **cfg.rule.params(),
         "threshold": patch.threshold,
-        "target_patch_size": cfg.target_patch_size,
         "calibration": calibration.model_dump() if calibration else None,
-        "max_patch_length": cfg.max_patch_length,
         "entropies": True,
         "eos_entropy": True,
     }
@@ -760,9 +754,9 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
     return registry.commit(manifest)
 
 
-def _calibrate(src: Store, shards: list[tuple[str, int]], cfg: MetaImportConfig) -> Calibration:
-    """Threshold for the target patch size, on the head of every shard (an equal share each)."""
-    share = max(1, cfg.calibration_bytes // len(shards))
+def _calibration_sample(src: Store, shards: list[tuple[str, int]], rule: PatchRule) -> list[np.ndarray]:
+    """Entropies to calibrate a target patch size on: the head of every shard (an equal share each)."""
+    share = max(1, rule.calibration_bytes // len(shards))
     sample: list[np.ndarray] = []
     for path, _ in shards:
         left = share
@@ -776,4 +770,4 @@ def _calibrate(src: Store, shards: list[tuple[str, int]], cfg: MetaImportConfig)
                     left -= len(e)
             if left <= 0:
                 break
-    return calibrate_threshold(sample, cfg.target_patch_size, scheme=cfg.scheme, max_patch_length=cfg.max_patch_length)
+    return sample

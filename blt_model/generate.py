@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from blt_data.entropy import BOS_ID, BYTE_OFFSET
-from blt_data.patching import ENTROPY_SCHEMES, WORD_BYTES, PatchConfig, PatchStream
+from blt_data.patching import ENTROPY_SCHEMES, WORD_BYTES, PatchRule, PatchStream
 from blt_data.registry import Registry
+from blt_data.tokens import BOS_ID, BYTE_OFFSET
 from blt_model.distributed import TrainingError
 from blt_model.entropy_model import EntropyModel, EntropyStream
 from blt_model.entropy_registry import load_entropy_model_ref
@@ -58,9 +58,9 @@ _PLACEHOLDER = BYTE_OFFSET
 
 
 def patching_of(registry: Registry, data_ref: str):
-    """(entropy model or None, PatchConfig) that made a patches dataset."""
+    """(entropy model or None, PatchRule) that made a patches dataset."""
     params = registry.resolve(data_ref, kind="patches").params
-    cfg = PatchConfig(
+    cfg = PatchRule(
         scheme=params["scheme"], threshold=params.get("threshold"),
         max_patch_length=params.get("max_patch_length"), patch_size=params.get("patch_size") or 4,
     )
@@ -106,7 +106,7 @@ def _patch_rows(stream: PatchStream, starts: list[bool]) -> torch.Tensor:
 def generate(
     model: torch.nn.Module,
     entropy_model: EntropyModel | None,
-    patch_cfg: PatchConfig,
+    patch_cfg: PatchRule,
     prompt: bytes,
     max_bytes: int,
     temperature: float = 0.8,

@@ -38,6 +38,7 @@ from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from blt_data.reader import Batch, Reader, ReaderConfig, build_val_reader, empty_batch, merge_states
+from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, PartInfo, Registry, job_hash
 from blt_model.blt import BLT, BLTConfig, byte_loss, load_blt_preset
 from blt_model.checkpoint import (
@@ -59,36 +60,33 @@ log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "presets" / "train"
 # bf16 dense peak of the accelerators we know, for MFU; elsewhere MFU is not reported.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-# Fields that change how a run executes, not the weights it ends with: out of the job id, so
-# the same job resumes on another machine, world size or cadence.
-EXECUTION_FIELDS = {
-    "device", "max_steps_this_run", "checkpoint_every", "log_every", "eval_every", "parallel",
-    "dump_dir", "log_documents", "peak_tflops", "progress",
-}
-EXECUTION_DATA_FIELDS = {"prefetch"}
 
 
 class TrainConfig(OptimFields):
+    """Fields marked EXECUTION change how a run executes, not the weights it ends with: they stay
+    out of the job id, so the same job resumes on another machine, world size or cadence."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("blt", description="registered name of the final checkpoint (models/<name>)")
     data: ReaderConfig = Field(description="the patches dataset and how it is packed")
-    model_preset: str | None = Field(None, description="a BLT preset (debug, small, 100m) under the `model` keys")
+    # Out of the job id as well: the preset's effect is already in `model`.
+    model_preset: str | None = Field(None, description="a BLT preset (debug, small, 100m) under the `model` keys", json_schema_extra=EXECUTION)
     model: BLTConfig = Field(default_factory=BLTConfig, description="BLT shape")
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="compile, checkpointing, FSDP2")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="compile, checkpointing, FSDP2", json_schema_extra=EXECUTION)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = at the end only")
+    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = at the end only", json_schema_extra=EXECUTION)
     eval_batches: int = Field(20, gt=0, description="val batches per rank per validation (from the split's start)")
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at stops only")
-    log_every: int = Field(10, gt=0, description="steps between metrics lines")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at stops only", json_schema_extra=EXECUTION)
+    log_every: int = Field(10, gt=0, description="steps between metrics lines", json_schema_extra=EXECUTION)
     seed: int = Field(0, description="seeds the model initialisation")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available", json_schema_extra=EXECUTION)
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
-    dump_dir: str | None = Field(None, description="local folder for metrics.jsonl and config.yaml; default runs/<name>")
-    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process")
-    log_documents: bool = Field(False, description="write the ids of the documents each rank reads to dump_dir (audits)")
-    peak_tflops: float | None = Field(None, gt=0, description="accelerator peak for MFU; default: known GPUs only")
-    progress: bool = Field(True, description="show a progress bar on rank 0")
+    dump_dir: str | None = Field(None, description="local folder for metrics.jsonl and config.yaml; default runs/<name>", json_schema_extra=EXECUTION)
+    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process", json_schema_extra=EXECUTION)
+    log_documents: bool = Field(False, description="write the ids of the documents each rank reads to dump_dir (audits)", json_schema_extra=EXECUTION)
+    peak_tflops: float | None = Field(None, gt=0, description="accelerator peak for MFU; default: known GPUs only", json_schema_extra=EXECUTION)
+    progress: bool = Field(True, description="show a progress bar on rank 0", json_schema_extra=EXECUTION)
 
     @model_validator(mode="before")
     @classmethod
@@ -101,11 +99,6 @@ class TrainConfig(OptimFields):
                 raise ValueError(f"model_preset {data['model_preset']!r}: {e}") from None
             data = {**data, "model": {**base, **(data.get("model") or {})}}
         return data
-
-    def result_fields(self) -> dict:
-        out = self.model_dump(mode="json", exclude=EXECUTION_FIELDS | {"model_preset"})
-        out["data"] = {k: v for k, v in out["data"].items() if k not in EXECUTION_DATA_FIELDS}
-        return out
 
 
 def preset_path(name_or_path: str) -> str:
@@ -151,7 +144,7 @@ def plan_job(registry: Registry, cfg: TrainConfig) -> tuple[Manifest, str]:
     """The patches manifest and the job id; fails early on a bad reference, kind or name."""
     data = registry.resolve(cfg.data.dataset, kind="patches")
     registry.dataset_dir(cfg.name, area="models")  # checks the name
-    return data, job_hash({"step": "blt-train", "data": data.id, "config": cfg.result_fields()})
+    return data, job_hash({"step": "blt-train", "data": data.id, "config": output_fields(cfg)})
 
 
 def _bf16(env: Distributed, cfg: TrainConfig) -> bool:
@@ -382,7 +375,7 @@ def register_checkpoint(registry: Registry, cfg: TrainConfig, data: Manifest, jo
         sha, size = store.sha256(rel)
         parts.append(PartInfo(path=rel[len(model_dir) + 1:], rows=0, bytes=size, sha256=sha, split="checkpoint"))
     params = {
-        "config": cfg.result_fields(),
+        "config": output_fields(cfg),
         "data": data.id,
         "step": step,
         "val_bpb": val_bpb,

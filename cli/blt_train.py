@@ -12,13 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.blt_data import EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, fail, open_registry, report_training
+from cli.common import EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, fail, new_app, open_registry, overrides_arg, report_training
 
-app = typer.Typer(
-    help="Train the Byte Latent Transformer on precomputed patches datasets (torchrun, FSDP2).",
-    no_args_is_help=True,
-    add_completion=False,
-)
+app = new_app("Train the Byte Latent Transformer on precomputed patches datasets (torchrun, FSDP2).")
 
 
 class _EchoHandler(logging.Handler):
@@ -40,7 +36,7 @@ def _show_notes(quiet: bool) -> None:
 @app.command()
 def train(
     config: Annotated[str, typer.Argument(help="Training config YAML (local or s3://), or a preset name: debug, demo, 100m (blt_model/presets/train).")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, e.g. steps=2000 data.dataset=web-patches model.dim_global=512.", show_default=False)] = None,
+    overrides: Annotated[Optional[list[str]], overrides_arg("steps=2000 data.dataset=web-patches model.dim_global=512")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Checkpoint folder (relative to the store) to start from; 'none' starts over. Default: this job's latest checkpoint.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the job id; train nothing.")] = False,
     store: StoreOpt = None,
@@ -53,7 +49,6 @@ def train(
     its patches dataset. Metrics go to <dump_dir>/metrics.jsonl (default runs/<name>).
     """
     from blt_data.reader import ReaderError
-    from blt_model.configs import ConfigError
     from blt_model.train import TrainingError, build_train_config, plan_job, train as run_training
 
     _show_notes(quiet)
@@ -67,7 +62,7 @@ def train(
             typer.echo(json.dumps({"data": data.ref, "job_id": job_id, "config": cfg.model_dump(mode="json")}, indent=2))
             return
         result = run_training(reg, cfg, resume=resume)
-    except (ConfigError, TrainingError, ReaderError, *EXPECTED_ERRORS) as e:
+    except (TrainingError, ReaderError, *EXPECTED_ERRORS) as e:
         fail(str(e))
     report_training(result, cfg.steps, as_json, describe_checkpoint)
 
@@ -85,6 +80,7 @@ def evaluate(
     split: Annotated[str, typer.Option("--split", help="Split of the dataset.")] = "val",
     max_batches: Annotated[Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches.")] = None,
     store: StoreOpt = None,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Bits per byte of a trained BLT on a patches dataset."""
@@ -111,6 +107,8 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.8,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     store: StoreOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Sample bytes from a trained BLT; patches are decided on the fly by the entropy model (and
     rule) that patched its training data."""
@@ -121,6 +119,9 @@ def generate(
         text = generate_text(open_registry(store), model, prompt, max_bytes, temperature, seed)
     except (TrainingError, *EXPECTED_ERRORS) as e:
         fail(str(e))
+    if as_json:
+        typer.echo(json.dumps({"model": model, "prompt": prompt, "text": text}, indent=2))
+        return
     typer.echo(prompt + text)
 
 

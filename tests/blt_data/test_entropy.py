@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from blt_data.entropy import (
-    BOS_ID,
-    BYTE_OFFSET,
     HIDDEN_DOC_ID,
     document_tokens,
     pack_batches,
     score_document_alone,
     score_entropies,
 )
+from blt_data.tokens import BOS_ID, BYTE_OFFSET
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

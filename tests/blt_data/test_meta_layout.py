@@ -22,11 +22,13 @@ from blt_data.meta_layout import (
     import_preprocessed, meta_threshold,
 )
 from blt_data.patches import (
-    UnitStats, arrow_schema_summary, build_table, entropies_array, part_name, read_patches, write_part,
+    arrow_schema_summary, build_table, entropies_array, part_name, read_patches, write_part,
 )
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
+from blt_data.verify import verify
 
 THRESHOLD = 1.3  # not a float16: Meta's float32 comparison needs the exported one
 F16_NEAR = [float(np.float16(1.3)), float(np.nextafter(np.float16(1.3), np.float16(0))),
@@ -59,12 +61,12 @@ def commit_dataset(reg: Registry, name: str, docs, *, scheme="entropy", threshol
                    eos=True, parts=3, split_val=0) -> Manifest:
     """A patches dataset made with the library's own writers (what the patch job writes), from
     synthetic entropies; the last `split_val` documents form a 'val' part."""
-    cfg = PatchConfig(scheme=scheme, threshold=threshold, max_patch_length=max_len)
+    cfg = PatchRule(scheme=scheme, threshold=threshold, max_patch_length=max_len)
     job = "job-" + name
     groups = [("train", g) for g in np.array_split(np.arange(len(docs) - split_val), parts)]
     if split_val:
         groups.append(("val", np.arange(len(docs) - split_val, len(docs))))
-    infos, stats = [], UnitStats()
+    infos, stats = [], DatasetStats()
     for index, (split, idx) in enumerate(groups):
         chosen = [docs[i] for i in idx]
         text = pa.array([d[1] for d in chosen], pa.large_string())
@@ -74,12 +76,12 @@ def commit_dataset(reg: Registry, name: str, docs, *, scheme="entropy", threshol
         table = build_table([d[0] for d in chosen], text, pl, ents, eos_col)
         infos.append(write_part(reg.store, f"{reg.job_dir(name, job)}/{part_name(index)}", f"_jobs/{job}/{part_name(index)}",
                                 table, dataset=name, job_id=job, split=split))
-        stats = stats + UnitStats.of(pl, ents.values.to_numpy())
+        stats = stats + DatasetStats.of(pl, ents.values.to_numpy())
     params = {"scheme": scheme, "threshold": threshold, "max_patch_length": max_len,
               "model": {"ref": "ent@v2", "sha256": "0" * 64}, "entropies": True}
     return reg.commit(Manifest(
         name=name, kind="patches", job_id=job, params=params, arrow_schema=arrow_schema_summary(True, eos),
-        parts=infos, stats=stats.dataset_stats({"train": len(docs) - split_val, "val": split_val}),
+        parts=infos, stats=stats.model_copy(update={"splits": {"train": len(docs) - split_val, "val": split_val}}),
     ))
 
 
@@ -241,7 +243,7 @@ def test_export_refuses_what_meta_cannot_reproduce(local_store_url, tmp_path):
 def test_export_refuses_other_schemes_and_no_entropies(local_store_url, tmp_path):
     reg = Registry(Store.open(local_store_url))
     text = pa.array(["a b", "cd"], pa.large_string())
-    pl = patch_lengths_arrow(text, None, PatchConfig(scheme="space"))
+    pl = patch_lengths_arrow(text, None, PatchRule(scheme="space"))
     info = write_part(reg.store, f"{reg.job_dir('sp', 'j')}/{part_name(0)}", f"_jobs/j/{part_name(0)}",
                       build_table(["a", "b"], text, pl, None), dataset="sp", job_id="j")
     reg.commit(Manifest(name="sp", kind="patches", job_id="j", params={"scheme": "space"}, parts=[info],
@@ -260,20 +262,20 @@ def test_export_then_import_gives_back_ids_text_entropies_and_patch_lengths(stor
     commit_dataset(reg, "src", docs, max_len=8)
     out = f"{store_url}-meta" if store_url.startswith("s3://") else str(tmp_path / "meta")
     export_meta(reg, MetaExportConfig(patches="src", out=out, chunks=2, shard_bytes=1500, batch_rows=4))
-    m = import_preprocessed(reg, MetaImportConfig(source=f"{out}/preprocess", name="back", threshold=THRESHOLD,
-                                                  max_patch_length=8, model="ent"))
+    m = import_preprocessed(reg, MetaImportConfig(source=f"{out}/preprocess", name="back", rule=PatchRule(threshold=THRESHOLD, max_patch_length=8),
+                                                  model="ent"))
     assert m.kind == "patches" and m.params["entropy_model_name"] == "ent"  # not in this registry: Meta's name
     assert m.params["source"].endswith("/preprocess") and m.params["source_dataset"] == "src"
     assert m.stats.quarantined == 0 and not m.stats.damaged_files
     assert [r for r in our_rows(reg, "back")] == our_rows(reg, "src")
-    assert reg.verify(m) == []
-    again = import_preprocessed(reg, MetaImportConfig(source=f"{out}/preprocess", name="back", threshold=THRESHOLD,
-                                                      max_patch_length=8, model="ent"))
+    assert verify(reg, m) == []
+    again = import_preprocessed(reg, MetaImportConfig(source=f"{out}/preprocess", name="back", rule=PatchRule(threshold=THRESHOLD, max_patch_length=8),
+                                                      model="ent"))
     assert again.ref == m.ref  # the same job is not done twice
 
     # Another rule from the same entropies, a registry model as lineage, and a target patch size.
     reg.commit(Manifest(name="ent", kind="entropy-model", job_id="m", params={"sha256": "ab" * 32}))
-    t = import_preprocessed(reg, MetaImportConfig(source=out, name="sized", target_patch_size=3.0, model="ent"))
+    t = import_preprocessed(reg, MetaImportConfig(source=out, name="sized", rule=PatchRule(target_patch_size=3.0), model="ent"))
     assert t.parents == ["ent@v1"] and t.params["model"] == {"ref": "ent@v1", "sha256": "ab" * 32}
     assert t.params["calibration"]["target"] == 3.0 and abs(t.stats.mean_patch_length - 3.0) < 0.5
     rows = our_rows(reg, "sized")
@@ -285,7 +287,7 @@ def test_import_started_again_redoes_only_unfinished_shards(local_store_url, tmp
     commit_dataset(reg, "src", make_docs(40, seed=6))
     out = tmp_path / "meta"
     export_meta(reg, MetaExportConfig(patches="src", out=str(out), chunks=4))
-    cfg = MetaImportConfig(source=str(out), name="imp", threshold=THRESHOLD, part_bytes=300)
+    cfg = MetaImportConfig(source=str(out), name="imp", rule=PatchRule(threshold=THRESHOLD), part_bytes=300)
     whole = import_preprocessed(reg, cfg)
     assert len(whole.parts) > 4  # several parts per shard
     job = Path(local_store_url) / "datasets" / "imp" / "_jobs" / whole.job_id
@@ -307,7 +309,7 @@ def test_repatch_keeps_the_end_of_document_entropy(local_store_url):
 
     reg = Registry(Store.open(local_store_url))
     commit_dataset(reg, "src", make_docs(20, seed=8))
-    m = repatch(reg, RepatchConfig(patches="src", name="rep", threshold=0.9))
+    m = repatch(reg, RepatchConfig(patches="src", name="rep", rule=PatchRule(threshold=0.9)))
     assert m.arrow_schema["eos_entropy"] == "halffloat" and m.params["eos_entropy"] is True
     src, rep = our_rows(reg, "src"), our_rows(reg, "rep")
     assert [r["eos_entropy"] for r in rep] == [r["eos_entropy"] for r in src]
@@ -334,7 +336,7 @@ def test_import_reports_missing_markers_damage_and_bad_rows(local_store_url, tmp
     good = [meta_row(i, f"doc {i} text") for i in range(10)]
     write_shard(folder / "ds.chunk.00.jsonl.shard_00.arrow", good)
     write_shard(folder / "ds.chunk.00.jsonl.shard_01.arrow", [meta_row(10, "no marker")], complete=False)
-    cfg = dict(source=str(tmp_path / "pre"), name="imp", threshold=1.0)
+    cfg = dict(source=str(tmp_path / "pre"), name="imp", rule=PatchRule(threshold=1.0))
     with pytest.raises(MetaLayoutError, match=r"1 of 2 shards have no \.complete marker.*shard_01.*--skip-incomplete"):
         import_preprocessed(reg, MetaImportConfig(**cfg))
     m = import_preprocessed(reg, MetaImportConfig(**cfg, skip_incomplete=True))
@@ -361,15 +363,15 @@ def test_import_reports_missing_markers_damage_and_bad_rows(local_store_url, tmp
     ids = [r["id"] for r in our_rows(reg, "imp2")]
     assert ids[:12] == [str(i) for i in range(10)] + ["22", "3#ds.chunk.01.jsonl.shard_00.arrow:4"]
     assert len(ids) == 12 + damaged["lines_read"] and m.stats.duplicate_ids == 1
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
     # Not Meta's columns at all: a clear refusal, not a quarantine of every row.
     other = tmp_path / "other"
     write_shard(other / "x.shard_0.arrow", [{"a": 1}], schema=pa.schema([pa.field("a", pa.int64())]))
     with pytest.raises(MetaLayoutError, match="not a Meta preprocessed shard"):
-        import_preprocessed(reg, MetaImportConfig(source=str(other), name="imp3", threshold=1.0))
+        import_preprocessed(reg, MetaImportConfig(source=str(other), name="imp3", rule=PatchRule(threshold=1.0)))
     with pytest.raises(MetaLayoutError, match="no \\*.shard_\\*.arrow files"):
-        import_preprocessed(reg, MetaImportConfig(source=str(tmp_path / "nothing"), name="imp4", threshold=1.0))
+        import_preprocessed(reg, MetaImportConfig(source=str(tmp_path / "nothing"), name="imp4", rule=PatchRule(threshold=1.0)))
 
 
 # --- Meta's own loader, where its source is at hand ------------------------------------------

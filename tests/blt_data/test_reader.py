@@ -20,17 +20,18 @@ import pytest
 import torch
 
 from blt_data.patches import (
-    UnitStats, arrow_schema_summary, build_table, entropies_array, part_name, write_part,
+    arrow_schema_summary, build_table, entropies_array, part_name, write_part,
 )
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.reader import (
     IGNORE_INDEX, Reader, ReaderConfig, ReaderError, build_val_reader, empty_batch, epoch_order, merge_states,
 )
 from blt_data.registry import Manifest, Registry
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 T, B, BLOCK = 64, 2, 4
-PATCH = PatchConfig(scheme="space")  # long runs without spaces make patches longer than a row
+PATCH = PatchRule(scheme="space")  # long runs without spaces make patches longer than a row
 
 
 def make_texts(n: int, seed: int, prefix: str) -> dict[str, str]:
@@ -49,9 +50,9 @@ VAL = make_texts(12, 2, "v")
 
 def commit_patches(reg: Registry, name: str = "pp", splits: dict[str, dict[str, str]] | None = None,
                    parts: int = 3, job: str = "job1") -> Manifest:
-    """A patches dataset made with the patch job's own writers (write_part, UnitStats, commit)."""
+    """A patches dataset made with the patch job's own writers (write_part, DatasetStats, commit)."""
     splits = splits if splits is not None else {"train": TRAIN, "val": VAL}
-    infos, stats, index = [], UnitStats(), 0
+    infos, stats, index = [], DatasetStats(), 0
     for split, docs in splits.items():
         ids = list(docs)
         for chunk in np.array_split(np.arange(len(ids)), parts if split == "train" else 1):
@@ -64,11 +65,11 @@ def commit_patches(reg: Registry, name: str = "pp", splits: dict[str, dict[str, 
                 reg.store, f"{reg.job_dir(name, job)}/{part_name(index)}", f"_jobs/{job}/{part_name(index)}", table,
                 dataset=name, job_id=job, split=split,
             ))
-            stats = stats + UnitStats.of(lengths, None)
+            stats = stats + DatasetStats.of(lengths, None)
             index += 1
     return reg.commit(Manifest(
         name=name, kind="patches", job_id=job, arrow_schema=arrow_schema_summary(True), parts=infos,
-        stats=stats.dataset_stats({s: len(d) for s, d in splits.items()}),
+        stats=stats.model_copy(update={"splits": {s: len(d) for s, d in splits.items()}}),
     ))
 
 

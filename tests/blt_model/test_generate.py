@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
-from blt_data.patching import PatchConfig, PatchStream, patch_lengths
+from blt_data.patching import PatchRule, PatchStream, patch_lengths
 from blt_model.blt import BLT, load_blt_preset
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig, EntropyStream
 from blt_model.generate import generate
@@ -49,15 +49,15 @@ def test_entropy_stream_window_of_one():
 
 
 RULES = [
-    PatchConfig(scheme="entropy", threshold=2.0),
-    PatchConfig(scheme="entropy", threshold=2.0, max_patch_length=3),
-    PatchConfig(scheme="monotonic", threshold=0.1),
-    PatchConfig(scheme="monotonic", threshold=0.1, max_patch_length=4),
-    PatchConfig(scheme="space"),
-    PatchConfig(scheme="space", max_patch_length=3),
-    PatchConfig(scheme="static", patch_size=4),
-    PatchConfig(scheme="static", patch_size=5, max_patch_length=2),
-    PatchConfig(scheme="byte"),
+    PatchRule(scheme="entropy", threshold=2.0),
+    PatchRule(scheme="entropy", threshold=2.0, max_patch_length=3),
+    PatchRule(scheme="monotonic", threshold=0.1),
+    PatchRule(scheme="monotonic", threshold=0.1, max_patch_length=4),
+    PatchRule(scheme="space"),
+    PatchRule(scheme="space", max_patch_length=3),
+    PatchRule(scheme="static", patch_size=4),
+    PatchRule(scheme="static", patch_size=5, max_patch_length=2),
+    PatchRule(scheme="byte"),
 ]
 
 
@@ -109,7 +109,7 @@ class MetaAlignedDecoder(torch.nn.Module):
 @pytest.mark.parametrize("model_kind", ["blt", "meta-aligned"])
 @pytest.mark.parametrize(
     "cfg",
-    [PatchConfig(scheme="entropy", threshold=3.0, max_patch_length=6), PatchConfig(scheme="space"), PatchConfig(scheme="static", patch_size=3)],
+    [PatchRule(scheme="entropy", threshold=3.0, max_patch_length=6), PatchRule(scheme="space"), PatchRule(scheme="static", patch_size=3)],
     ids=lambda c: c.scheme,
 )
 def test_generation_patches_and_logits_match_the_finished_text(cfg, model_kind):
@@ -149,4 +149,4 @@ def test_meta_alignment_makes_the_next_start_matter():
 
 def test_generation_without_entropy_model_for_entropy_rule_is_refused():
     with pytest.raises(ValueError, match="needs an entropy model"):
-        generate(blt_model(), None, PatchConfig(scheme="entropy", threshold=1.0), b"x", 1)
+        generate(blt_model(), None, PatchRule(scheme="entropy", threshold=1.0), b"x", 1)

@@ -20,9 +20,11 @@ import pytest
 
 from blt_data.documents import iter_documents
 from blt_data.download import DownloadConfig, download
+from blt_data.patching import PatchRule
 from blt_data.registry import Registry
 from blt_data.shuffle import shuffle_documents
 from blt_data.storage import Store
+from blt_data.verify import verify
 from cli.blt_train import app
 from pipelines.patch_job import PatchJobConfig, run_patch_job
 from tests.conftest import TEST_SECRET
@@ -67,7 +69,7 @@ def data(s3_server, ray_local, tmp_path_factory):
     src.write_text("".join(json.dumps({"id": f"d{i:02d}", "text": t}) + "\n" for i, t in enumerate(texts)))
     download(reg, DownloadConfig(source=str(src), name="tiny"), progress=False)
     shuffle_documents(reg, "tiny", "tiny-sh", num_chunks=2, seed=0, memory_bytes=10**6, val_docs=4, progress=False)
-    patches = run_patch_job(reg, PatchJobConfig(docs="tiny-sh", name="tiny-patches", scheme="space", workers=1))
+    patches = run_patch_job(reg, PatchJobConfig(docs="tiny-sh", name="tiny-patches", rule=PatchRule(scheme="space"), workers=1))
     train_ids = [d["id"] for d in iter_documents(reg, reg.resolve("tiny-sh"), split="train")]
     assert patches.stats.splits == {"train": 44, "val": 4}
     return store, train_ids
@@ -97,7 +99,7 @@ def test_two_processes_train_and_resume_bit_identical(data, tmp_path):
     reg = Registry(Store.open(store))
     m = reg.resolve("split", area="models", kind="blt-checkpoint")
     assert m.parents == ["tiny-patches@v1"] and m.params["step"] == 8 and m.params["world_size"] == 2
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
 
 def test_resume_on_one_process_reads_each_document_once(data, tmp_path):

@@ -54,19 +54,18 @@ def test_clear_errors(local_store_url, tmp_path):
 
 
 def test_patch_with_the_shipped_model_then_export(local_store_url, tmp_path, ray_local):
-    """End to end on what `blt-data patch` writes today. Until scoring computes the end-of-document
-    entropy (issue 12, item 1), export refuses it with the way out; once it does, the export must
-    succeed and import back unchanged: the test follows whichever the patch job writes."""
+    """End to end on what `blt-data patch` writes: the end-of-document entropy is scored with the
+    others, so the export succeeds (Meta's rule replayed on it gives our patch lengths, checked
+    by the export itself) and imports back unchanged."""
     store = local_store_url
     blt("download", "stdlib", "--name", "std", "--limit", "12", "--part-size", "30KB", "--store", store, "-q")
     blt("patch", "std", "--name", "p", "--threshold", "2", "--unit-size", "16KB", "--store", store, "-q")
     reg = Registry(Store.open(store))
     m = reg.resolve("p")
+    assert has_eos_entropy(m) and m.params["eos_entropy"] is True
+    eos = read_patches(reg, m).column("eos_entropy")
+    assert eos.null_count == 0 and len(eos) == 12
     out = str(tmp_path / "meta")
-    if not has_eos_entropy(m):
-        err = blt("export", "p", "--format", "meta", "--out", out, "--store", store, code=2)
-        assert "no end-of-document entropy" in err and "run blt-data patch again" in err
-        return
     blt("export", "p", "--format", "meta", "--out", out, "--store", store, "-q")
     blt("import-preprocessed", out, "--name", "back", "--threshold", "2", "--store", store, "-q")
     assert read_patches(reg, reg.resolve("back")).to_pylist() == read_patches(reg, m).to_pylist()
