@@ -457,18 +457,21 @@ def describe_model(m: Manifest) -> None:
     line = f"{m.ref} (entropy-model): {p.get('num_params', 0):,} parameters, sha256 {p.get('sha256', '?')[:16]}…"
     if p.get("val_bpb") is not None:
         line += f", val {p['val_bpb']:.3f} bits/byte"
+    if p.get("threshold") is not None:
+        line += f", released threshold {p['threshold']:.4g} nats"
     typer.echo(line)
     typer.echo(f"  parents   {', '.join(m.parents) or '-'}")
 
 
 @app.command("import-entropy-model")
 def import_entropy_model(
-    source: Annotated[str, typer.Argument(help="Folder (local or s3://) with Meta's params.json and consolidated.pth.")],
+    source: Annotated[str, typer.Argument(help="Folder (local or s3://): Meta's params.json + consolidated.pth, Meta's hub layout (facebook/blt-entropy), a transformers BltPatcher, or a transformers BLT checkpoint (its patcher is taken).")],
     name: Annotated[str, typer.Option("--name", "-n", help="Name to register the model under.")],
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import Meta's released BLT entropy model and register it (every tensor checked)."""
+    """Import a released BLT entropy model and register it (layout detected from the files;
+    every tensor checked)."""
     from blt_model.entropy_model import CheckpointMismatchError
     from blt_model.entropy_registry import import_entropy_model as run_import
 
