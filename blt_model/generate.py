@@ -18,6 +18,7 @@ import torch
 from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
 from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, patch_lengths
 from blt_data.registry import Registry
+from blt_model.blt_registry import load_checkpoint_patcher
 from blt_model.distributed import TrainingError
 from blt_model.entropy_registry import load_entropy_model_ref
 from blt_model.train import load_trained_blt
@@ -50,7 +51,7 @@ def generate_text(
     registry: Registry, model_ref: str, prompt: str, max_bytes: int, temperature: float = 0.8, seed: int = 0
 ) -> str:
     model, manifest = load_trained_blt(registry, model_ref)
-    entropy_model, patch_cfg = patching_of(registry, manifest.parents[0])
+    entropy_model, patch_cfg = load_checkpoint_patcher(registry, manifest)  # trained or imported
     generator = torch.Generator().manual_seed(seed)
     text = bytearray(prompt.encode("utf-8"))
     start = len(text)
