@@ -51,6 +51,10 @@ def train(
 
     The final checkpoint is registered as models/<name> (kind blt-checkpoint) with lineage to
     its patches dataset. Metrics go to <dump_dir>/metrics.jsonl (default runs/<name>).
+
+    Continued training: init_from=NAME[@vN] starts from a registered checkpoint's weights
+    (trained here or from blt-train import) with a fresh optimizer, as a job of its own; the
+    config's model shape must be the checkpoint's (e.g. model_preset=blt-1b).
     """
     from blt_data.reader import ReaderError
     from blt_model.configs import ConfigError

@@ -231,6 +231,10 @@ def test_refusals_name_what_is_wrong(tmp_path, store):
     assert "'llama'" in refused(tmp_path / "llama")
     assert "no 'model' section" in refused(folder / "entropy_model")  # an entropy model's params.json
 
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"args": meta_args_from_config(cfg)}))
+    assert "no model.safetensors" in refused(tmp_path / "hub")
+
     params = json.loads((folder / "params.json").read_text())
     for name, value in [("n_kv_heads", 4), ("cross_attn_decoder", False), ("downsampling_by_pooling", "avg")]:
         (folder / "params.json").write_text(json.dumps(params | {"model": params["model"] | {name: value}}))

@@ -234,3 +234,28 @@ def test_continued_training_from_an_imported_checkpoint(data, tmp_path):
     assert "model.dim_global" in out and "128" in out and "64" in out
     out = blt_train("train", *base, "name=other", "init_from=nothing", "--store", store, code=2)
     assert "nothing" in out
+
+
+def test_trained_checkpoint_exports_to_transformers(data, tmp_path):
+    """A DCP checkpoint trained here, out to transformers' layout: the same logits."""
+    import torch
+
+    pytest.importorskip("transformers")
+    from transformers import BltForCausalLM
+
+    from blt_model.train import load_trained_blt
+    from tests.blt_model.test_blt_oracle import document, hf_logits, ours_logits
+
+    store, _ = data
+    blt_train("train", *TRAIN, "steps=2", "warmup_steps=1", "name=out", f"dump_dir={tmp_path}", "--store", store)
+    out = blt_train("export", "out", "--format", "hf", "--out", str(tmp_path / "hf"), "--store", store)
+    assert "model.safetensors" in out
+    hf = BltForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager", dtype=torch.float32).eval()
+    assert not hf.config.patch_in_forward  # trained on space patches: transformers has no such rule
+    for sub in ("encoder_config", "decoder_config", "global_config"):
+        getattr(hf.config, sub)._attn_implementation = "eager"
+    ours, _ = load_trained_blt(Registry(Store.open(store)), "out")
+    tokens, lengths = document(b"def main():\n    return 0\n")
+    want = hf_logits(hf, tokens, lengths)
+    got = ours_logits(ours, tokens, lengths, [0] * len(tokens), flex=False)
+    assert (got - want).abs().max() < 1e-4
