@@ -2,8 +2,9 @@
 
 Patches are decided on the fly, as in training: the lineage of the checkpoint names the patches
 dataset, whose parameters name the entropy model (by registry reference and sha256) and the
-patch rule. After each new byte the entropy model scores the text so far and the rule cuts it
-into patches; the BLT then predicts the next byte. The last patch may be unfinished: the local
+patch rule; an imported checkpoint records the entropy model and rule it was released with
+(`blt_registry.checkpoint_patching`). After each new byte the entropy model scores the text so
+far and the rule cuts it into patches; the BLT then predicts the next byte. The last patch may be unfinished: the local
 decoder only reads the global states of patches *before* the current one, so that is exact.
 
 Simple and quadratic (every step re-scores and re-runs the whole text): for inspecting a model,
@@ -16,27 +17,10 @@ import numpy as np
 import torch
 
 from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
-from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, patch_lengths
+from blt_data.patching import PatchConfig, patch_lengths
 from blt_data.registry import Registry
 from blt_model.blt_registry import load_checkpoint_patcher
-from blt_model.distributed import TrainingError
-from blt_model.entropy_registry import load_entropy_model_ref
 from blt_model.train import load_trained_blt
-
-def patching_of(registry: Registry, data_ref: str):
-    """(entropy model or None, PatchConfig) that made a patches dataset."""
-    params = registry.resolve(data_ref, kind="patches").params
-    cfg = PatchConfig(
-        scheme=params["scheme"], threshold=params.get("threshold"),
-        max_patch_length=params.get("max_patch_length"), patch_size=params.get("patch_size") or 4,
-    )
-    model = None
-    if cfg.scheme in ENTROPY_SCHEMES:
-        info = params.get("model") or {}
-        if not info.get("ref"):
-            raise TrainingError(f"{data_ref} records no entropy model; cannot patch on the fly")
-        model = load_entropy_model_ref(registry, info["ref"])
-    return model, cfg
 
 
 def row_patch_lengths(text: bytes, entropy_model, cfg: PatchConfig) -> np.ndarray:

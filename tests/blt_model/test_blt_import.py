@@ -16,16 +16,15 @@ import torch
 from safetensors.torch import save_file
 
 from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
+from blt_data.patching import PatchConfig, patch_lengths
 from blt_data.registry import Registry
 from blt_data.storage import Store
 from blt_model.blt import BLT
 from blt_model.blt_registry import checkpoint_state_dict, import_blt
 from blt_model.entropy_model import import_official_entropy_model
 from blt_model.entropy_registry import load_registered_entropy_model
-from blt_model.generate import row_patch_lengths
 from blt_model.interop import InteropError, meta_args_from_config
 from blt_model.train import load_trained_blt
-from blt_data.patching import PatchConfig
 from tests.blt_model.test_entropy_model import official_params, official_state_dict, write_official
 
 transformers = pytest.importorskip("transformers")
@@ -120,7 +119,8 @@ def test_meta_consolidated_to_hf_gives_the_same_logits_and_patches(tmp_path, sto
     # patch with the registered entropy model and rule (the data's rule, DESIGN.md §4).
     entropy = load_registered_entropy_model(registry, "meta-entropy")
     rule = PatchConfig(**m.params["patching"])
-    ours_lengths = row_patch_lengths(TEXT.encode(), entropy, rule)
+    # BOS as a patch of its own, then the document's patches (the reader's rows, generate's too).
+    ours_lengths = np.concatenate([[1], patch_lengths(TEXT.encode(), score_document_alone(entropy, TEXT), rule)])
     ids = torch.tensor([[BOS_ID, *(b + BYTE_OFFSET for b in TEXT.encode())]])
     with torch.no_grad():
         entropies, hf_lengths, _ = hf.model.patcher(ids, patch_size=4, threshold=threshold)
