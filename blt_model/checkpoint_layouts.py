@@ -381,6 +381,9 @@ def write_meta_hub_folder(
     entropy model, if any, in entropy_model/ in the same layout. Returns the files."""
     check_state_dict(state_dict, config)
     args = meta_args_from_config(config)
+    patcher_args = meta_patcher_args_from(patching)
+    if patcher_args is not None:  # Meta's model args repeat the patch rule (patch_in_forward reads them)
+        args |= {("patching_threshold" if k == "threshold" else k): v for k, v in patcher_args.items()}
     files = []
     _make_dir(url)
     if entropy_model is not None:
@@ -390,7 +393,6 @@ def write_meta_hub_folder(
         _put_json({"args": meta_entropy_args_from(entropy_model.config)}, join_url(entropy_url, "config.json"))
         files += [f"{ENTROPY_DIR}/model.safetensors", f"{ENTROPY_DIR}/config.json"]
     data: dict[str, Any] = {"tokenizer_args": {"name": "blt"}}
-    patcher_args = meta_patcher_args_from(patching)
     if patcher_args is not None:
         data["patcher_args"] = patcher_args
     _put_json({"name": name, "model": args, "data": data}, join_url(url, "train_args.json"))

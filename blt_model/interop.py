@@ -106,6 +106,7 @@ def meta_args_from_config(config: BLTConfig) -> dict[str, Any]:
         "n_heads": config.n_heads_global,
         "patch_in_forward": False,
         "patching_mode": "entropy",
+        "patch_size": 4.5,  # Meta's LocalModelArgs needs a number (only static patching reads it)
         "max_seqlen": 4096,
         "max_encoder_seq_length": 24576,
         "attn_impl": "xformers",
@@ -161,6 +162,7 @@ def hf_config_from_config(
         "vocab_size": cfg.vocab_size,
         "patch_in_forward": patcher_config is not None,
         "patching_mode": "entropy",
+        "patch_size": 4.5,  # Meta's LocalModelArgs needs a number (only static patching reads it)
         "local_attention_window_len": cfg.local_attention_window_len,
         "cross_attn_k": cfg.cross_attn_k,
         "encoder_hash_byte_group_size": list(cfg.encoder_hash_byte_group_size),
