@@ -162,7 +162,6 @@ def hf_config_from_config(
         "vocab_size": cfg.vocab_size,
         "patch_in_forward": patcher_config is not None,
         "patching_mode": "entropy",
-        "patch_size": 4.5,  # Meta's LocalModelArgs needs a number (only static patching reads it)
         "local_attention_window_len": cfg.local_attention_window_len,
         "cross_attn_k": cfg.cross_attn_k,
         "encoder_hash_byte_group_size": list(cfg.encoder_hash_byte_group_size),
