@@ -3,8 +3,9 @@
 Read (`read_blt_source`, layout detected from the files by `detect_blt_layout`):
 
     meta-consolidated  params.json {"model": ByteLatentTransformerArgs, "data": {"patcher_args"}}
-                       + consolidated.pth {"model": state_dict} (or consolidated/consolidated.pth)
-                       + entropy_model/ (params.json + consolidated.pth)        Meta's snapshot
+                       + consolidated.pth {"model": state_dict} (or consolidated/consolidated.pth);
+                       entropy_model/ (params.json + consolidated.pth) inside, or beside it as
+                       in Meta's snapshot (facebook/blt: blt_1b/, blt_7b/, entropy_model/)
     meta-hub           config.json {"args": ByteLatentTransformerArgs} + model.safetensors
                        (+ train_args.json, a params.json)       facebook/blt-1b, PyTorchModelHubMixin
     hf-blt             config.json {"model_type": "blt", ...} + model.safetensors or a sharded set;
@@ -194,12 +195,15 @@ def _read_meta_consolidated(url: str) -> BLTSource:
         raise InteropError(f"{source}: expected a dict with a 'model' state dict")
     _check_tensors(state_dict, source)
     check_state_dict(state_dict, config)
-    entropy = join_url(url, ENTROPY_DIR)
-    return BLTSource(
-        config, dict(state_dict), "meta-consolidated",
-        ["params.json", rel], h.hexdigest(), patching,
-        entropy if _exists(join_url(entropy, "params.json")) or _exists(join_url(entropy, "config.json")) else None,
+    # Meta's snapshot (facebook/blt: blt_1b/, blt_7b/, entropy_model/) keeps the entropy model
+    # beside the BLT folders; a folder of its own may hold it inside.
+    parent = url.rstrip("/").rsplit("/", 1)[0]
+    entropy = next(
+        (e for e in (join_url(url, ENTROPY_DIR), join_url(parent, ENTROPY_DIR))
+         if _exists(join_url(e, "params.json")) or _exists(join_url(e, "config.json"))),
+        None,
     )  # fmt: skip
+    return BLTSource(config, dict(state_dict), "meta-consolidated", ["params.json", rel], h.hexdigest(), patching, entropy)
 
 
 def _read_safetensors(url: str, select, digest) -> tuple[dict[str, torch.Tensor], list[str]]:

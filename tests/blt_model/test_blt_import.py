@@ -56,12 +56,13 @@ def entropy_threshold(entropy_dir: str) -> float:
     return float((values[mid - 1] + values[mid]) / 2)
 
 
-def write_meta_consolidated(folder, cfg, model: BLT, patcher_args: dict | None = None) -> float:
-    """Meta's snapshot layout: params.json {model, data.patcher_args}, consolidated.pth, and
-    entropy_model/; returns the patch threshold."""
-    (folder / "entropy_model").mkdir(parents=True, exist_ok=True)
-    write_official(folder / "entropy_model", official_params(), official_state_dict(dim=64, hidden=256, seed=5))
-    threshold = entropy_threshold(str(folder / "entropy_model"))
+def write_meta_consolidated(folder, cfg, model: BLT, patcher_args: dict | None = None, beside: bool = False) -> float:
+    """Meta's consolidated layout: params.json {model, data.patcher_args}, consolidated.pth, and
+    entropy_model/ inside (or beside, as in Meta's snapshot); returns the patch threshold."""
+    entropy_dir = (folder.parent if beside else folder) / "entropy_model"
+    entropy_dir.mkdir(parents=True, exist_ok=True)
+    write_official(entropy_dir, official_params(), official_state_dict(dim=64, hidden=256, seed=5))
+    threshold = entropy_threshold(str(entropy_dir))
     args = meta_args_from_config(cfg) | {"seed": 777, "patch_size": 6, "patching_threshold": 3.1}
     patcher = {"patching_mode": "entropy", "threshold": threshold, "realtime_patching": True,
                "patching_device": "cuda", "entropy_model_checkpoint_dir": "/ckpt/entropy_model"}  # fmt: skip
@@ -206,8 +207,10 @@ def test_meta_hub_from_s3_with_a_separate_entropy_folder(tmp_path, s3_bucket):
 
 def test_generate_patches_with_the_imported_entropy_model(tmp_path, store):
     cfg = config()
-    write_meta_consolidated(tmp_path / "blt", cfg, random_blt(cfg, seed=5))
-    blt_train("import", str(tmp_path / "blt"), "--name", "gen", "--store", store)
+    # Meta's snapshot (python download_blt_weights.py): hf-weights/{blt_1b, entropy_model}
+    write_meta_consolidated(tmp_path / "hf-weights" / "blt_1b", cfg, random_blt(cfg, seed=5), beside=True)
+    out = blt_train("import", str(tmp_path / "hf-weights" / "blt_1b"), "--name", "gen", "--store", store)
+    assert "gen-entropy@v1" in out
     text = blt_train("generate", "gen", "--prompt", "The ", "--max-bytes", "6", "--temperature", "0", "--store", store)
     assert text.startswith("The ")
     out = blt_train("eval", "gen", "--store", store, code=2)
