@@ -61,6 +61,7 @@ def write_meta_consolidated(folder, cfg, model: BLT, patcher_args: dict | None =
     entropy_model/ inside (or beside, as in Meta's snapshot); returns the patch threshold."""
     entropy_dir = (folder.parent if beside else folder) / "entropy_model"
     entropy_dir.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)
     write_official(entropy_dir, official_params(), official_state_dict(dim=64, hidden=256, seed=5))
     threshold = entropy_threshold(str(entropy_dir))
     args = meta_args_from_config(cfg) | {"seed": 777, "patch_size": 6, "patching_threshold": 3.1}
