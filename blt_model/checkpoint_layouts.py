@@ -338,6 +338,9 @@ def _put_json(data: Any, url: str) -> None:
 
 def _make_dir(url: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
+    # A sharded set left there would win over the new single file when the folder is loaded.
+    if fs.exists(join_url(path, "model.safetensors.index.json")):
+        raise InteropError(f"{url} holds a sharded checkpoint (model.safetensors.index.json); export into another folder")
     fs.makedirs(path, exist_ok=True)
 
 

@@ -278,5 +278,8 @@ def test_hf_export_refuses_what_transformers_cannot_compute(tmp_path, store):
     out = blt_train("export", "heads", "--format", "hf", "--out", str(tmp_path / "o"), "--store", store, code=2)
     assert "cross_attn_nheads" in out
     blt_train("export", "heads", "--format", "meta", "--out", str(tmp_path / "m"), "--store", store)
+    (tmp_path / "m" / "model.safetensors.index.json").write_text("{}")  # an older sharded export
+    out = blt_train("export", "heads", "--format", "meta", "--out", str(tmp_path / "m"), "--store", store, code=2)
+    assert "sharded" in out
     with pytest.raises(InteropError, match="entropy model in Meta's hub layout"):
         import_blt(Registry(Store.open(store)), str(tmp_path / "m" / "entropy_model"), "y")
