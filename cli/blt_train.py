@@ -125,8 +125,8 @@ def generate(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     store: StoreOpt = None,
 ) -> None:
-    """Sample bytes from a trained BLT; patches are decided on the fly by the entropy model (and
-    rule) that patched its training data."""
+    """Sample bytes from a BLT; patches are decided on the fly by the entropy model and rule that
+    patched its training data (or, for an imported BLT, that it was released with)."""
     from blt_model.generate import generate_text
     from blt_model.train import TrainingError
 
