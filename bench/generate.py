@@ -24,7 +24,7 @@ import torch
 import numpy as np
 
 from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
-from blt_data.patching import PatchConfig, patch_lengths
+from blt_data.patching import PatchRule, patch_lengths
 from blt_model.blt import BLT, load_blt_preset
 from blt_model.entropy_model import EntropyStream
 from blt_model.entropy_registry import load_default_entropy_model
@@ -82,7 +82,7 @@ def main() -> None:
     device = torch.device(args.device)
     blt = BLT(load_blt_preset(args.blt)).to(device).eval()
     entropy_model = load_default_entropy_model(device)
-    cfg = PatchConfig(scheme="entropy", threshold=args.threshold)
+    cfg = PatchRule(scheme="entropy", threshold=args.threshold)
     generate(blt, entropy_model, cfg, PROMPT, 8)  # warm-up: first calls per shape are slow
 
     runs, costs = [], []

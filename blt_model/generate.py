@@ -2,8 +2,9 @@
 
 Patches are decided on the fly by the rule the training data was patched with: the lineage of
 the checkpoint names the patches dataset, whose parameters name the entropy model (by registry
-reference) and the patch rule. The row is the reader's: BOS as its own patch, then the
-document's patches (no EOS while generating).
+reference) and the patch rule; an imported checkpoint records the entropy model and rule it was
+released with (`blt_registry.checkpoint_patching`). The row is the reader's: BOS as its own
+patch, then the document's patches (no EOS while generating).
 
 The entropy model is incremental (`EntropyStream`): the prompt is fed once, then each new byte
 alone, against a rolling key/value cache of one window, so its cost per byte does not grow with
@@ -46,31 +47,14 @@ import torch
 from blt_data.patching import ENTROPY_SCHEMES, WORD_BYTES, PatchRule, PatchStream
 from blt_data.registry import Registry
 from blt_data.tokens import BOS_ID, BYTE_OFFSET
-from blt_model.distributed import TrainingError
+from blt_model.blt_registry import load_checkpoint_patcher
 from blt_model.entropy_model import EntropyModel, EntropyStream
-from blt_model.entropy_registry import load_entropy_model_ref
 from blt_model.train import load_trained_blt
 
 # Token ids whose byte is a word byte under `space` (the rows of WORD_BYTES, offset to ids).
 _WORD_IDS = np.flatnonzero(WORD_BYTES) + BYTE_OFFSET
 # The placeholder for byte n: any byte does (see the module docstring).
 _PLACEHOLDER = BYTE_OFFSET
-
-
-def patching_of(registry: Registry, data_ref: str):
-    """(entropy model or None, PatchRule) that made a patches dataset."""
-    params = registry.resolve(data_ref, kind="patches").params
-    cfg = PatchRule(
-        scheme=params["scheme"], threshold=params.get("threshold"),
-        max_patch_length=params.get("max_patch_length"), patch_size=params.get("patch_size") or 4,
-    )
-    model = None
-    if cfg.scheme in ENTROPY_SCHEMES:
-        info = params.get("model") or {}
-        if not info.get("ref"):
-            raise TrainingError(f"{data_ref} records no entropy model; cannot patch on the fly")
-        model = load_entropy_model_ref(registry, info["ref"])
-    return model, cfg
 
 
 @dataclass
@@ -177,6 +161,6 @@ def generate_text(
 ) -> str:
     """`blt-train generate`: the generated text (after the prompt) of a registered BLT."""
     model, manifest = load_trained_blt(registry, model_ref)
-    entropy_model, patch_cfg = patching_of(registry, manifest.parents[0])
+    entropy_model, patch_cfg = load_checkpoint_patcher(registry, manifest)  # trained or imported
     result = generate(model, entropy_model, patch_cfg, prompt.encode("utf-8"), max_bytes, temperature, seed)
     return result.text[result.prompt_bytes :].decode("utf-8", errors="replace")

@@ -107,6 +107,7 @@ def meta_args_from_config(config: BLTConfig) -> dict[str, Any]:
         "n_heads": config.n_heads_global,
         "patch_in_forward": False,
         "patching_mode": "entropy",
+        "patch_size": 4.5,  # Meta's LocalModelArgs needs a number (only static patching reads it)
         "max_seqlen": 4096,
         "max_encoder_seq_length": 24576,
         "attn_impl": "xformers",
