@@ -164,7 +164,13 @@ class Packer:
         targets = np.full(size, IGNORE_INDEX, np.int64)
         nxt = s.tokens[1 : real + 1]
         targets[: len(nxt)] = nxt
-        targets[starts - 1] = IGNORE_INDEX  # the next token starts another document (or the stream ends)
+        # Meta's convention (bytelatent train.py/eval.py count every non-pad target): the BOS
+        # that follows an EOS is predicted and counted like a byte; only a next document that
+        # resumes mid-text (a cursor offset), or the stream's end, leaves nothing to predict.
+        follows = np.zeros(len(starts), bool)
+        inside = starts < len(s.tokens)
+        follows[inside] = s.tokens[starts[inside]] == BOS_ID
+        targets[(starts - 1)[~follows]] = IGNORE_INDEX
 
         marks = np.zeros(size + 1, np.int32)  # 1 where a new segment starts along the row
         marks[starts] = 1

@@ -202,10 +202,12 @@ def test_packing_round_trips_bytes_patches_targets_and_segments(reg):
     for p in np.flatnonzero((flat == 1) | (flat == 2)):
         assert p in boundaries and p + 1 in boundaries
 
-    # Targets: the next token of the stream, ignored before a BOS, on pad and at the end.
+    # Targets: the next token of the stream (the BOS after an EOS too: Meta's convention),
+    # ignored on pad and at the end.
     targets = np.concatenate([b["targets"].reshape(-1).numpy() for b, _ in batches])
     expected = np.append(flat[1:], 0).astype(np.int64)
-    expected[(expected == 1) | (expected == 0) | (flat == 0)] = IGNORE_INDEX
+    expected[(expected == 0) | (flat == 0)] = IGNORE_INDEX
+    assert (expected == 1).sum() > 0 and np.all(flat[np.flatnonzero(expected == 1)] == 2)  # BOS only after EOS
     assert np.array_equal(targets, expected)
 
     # doc_ids: a new segment at each BOS along the row, and at the pad tail.
