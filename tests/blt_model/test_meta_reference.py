@@ -22,8 +22,9 @@ from blt_model.blt import BLT
 from blt_model.checkpoint_layouts import write_meta_hub_folder
 from tests.blt_model.test_blt_oracle import CONFIGS, TEXT, config, document, ours_logits
 
-META_SOURCE = os.environ.get("BLT_META_SOURCE")
-pytestmark = pytest.mark.skipif(not META_SOURCE, reason="set BLT_META_SOURCE to Meta's blt checkout")
+# Where this project's machines keep a snapshot of facebookresearch/blt (as test_meta_layout).
+META_SOURCE = os.environ.get("BLT_META_SOURCE") or ("/work/ref/blt" if os.path.isdir("/work/ref/blt/bytelatent") else None)
+pytestmark = pytest.mark.skipif(not META_SOURCE, reason="Meta's blt source is not here: set BLT_META_SOURCE to a checkout")
 
 
 @pytest.fixture(scope="module")

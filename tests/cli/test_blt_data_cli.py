@@ -129,10 +129,10 @@ def test_options_snapshot():
         "repatch": sorted(["patches", "name", "overrides", "threshold", "target_patch_size", "scheme", "max_patch_length", "config", "store", "quiet", "as_json"]),
         "inspect": sorted(["ref", "out", "doc", "docs", "max_bytes", "store", "quiet", "as_json"]),
         "submit": sorted(["command", "address", "follow", "store"]),
-        "export": sorted(["patches", "out", "format", "chunks", "split", "entropy_model_name", "accept_monotonic_difference",
-                          "store", "quiet", "as_json"]),
-        "import-preprocessed": sorted(["source", "name", "threshold", "target_patch_size", "scheme", "max_patch_length", "model",
-                                       "skip_incomplete", "store", "quiet", "as_json"]),
+        "export": sorted(["patches", "out", "format", "overrides", "chunks", "split", "entropy_model_name",
+                          "accept_monotonic_difference", "config", "store", "quiet", "as_json"]),
+        "import-preprocessed": sorted(["source", "name", "overrides", "threshold", "target_patch_size", "scheme", "max_patch_length",
+                                       "model", "skip_incomplete", "config", "store", "quiet", "as_json"]),
     }
     jobs = {name: sorted(p.name for p in cmd.params) for name, cmd in group.commands["jobs"].commands.items()}
     assert jobs == {
