@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.torchinductor
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install demo test test-gpu bench clean
+.PHONY: install demo test test-gpu fuzz bench clean
 
 install: $(STAMP)
 
@@ -29,9 +29,13 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
+# The fuzz set with random seeds and 50x the CI budget (issue 14); failures are kept in .hypothesis/.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -m fuzz --timeout 3600
+
 bench: $(STAMP)
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/shuffle.py
 
 clean:
-	rm -rf $(VENV) blt-store .pytest_cache
+	rm -rf $(VENV) blt-store .pytest_cache .hypothesis

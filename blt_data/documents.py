@@ -14,6 +14,7 @@ import json
 import zlib
 from typing import IO, Any, Iterable, Iterator
 
+import numpy as np
 import zstandard
 
 from blt_data.registry import Manifest, PartInfo, Registry
@@ -28,6 +29,75 @@ PART_EXT = ".jsonl.zst"
 
 def part_name(index: int, ext: str = PART_EXT) -> str:
     return f"part-{index:06d}{ext}"
+
+
+# Deeper JSON is refused before parsing: the standard parser recurses once per level and stops
+# with RecursionError near 1000 levels, at a depth that depends on the caller's stack.
+MAX_JSON_DEPTH = 256
+
+
+class JSONLineError(ValueError):
+    """A line that is not one JSON value we can hold; the message is the quarantine reason."""
+
+
+def parse_json_line(raw: bytes) -> Any:
+    """The JSON value of one line, or `JSONLineError` saying why not.
+
+    Bytes must be UTF-8 (a leading BOM is allowed). Refused: nesting deeper than
+    `MAX_JSON_DEPTH`, integers longer than Python's digit limit (4300), and whatever
+    `json` itself refuses (NUL and other raw control characters inside strings included).
+    NaN and Infinity are accepted, as `json` does.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JSONLineError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise JSONLineError(f"JSON nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})")
+    try:
+        return json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise JSONLineError(f"not valid JSON: {e}") from None
+    except ValueError as e:  # an integer past sys.get_int_max_str_digits()
+        raise JSONLineError(f"unreadable JSON number: {e}") from None
+    except RecursionError:  # cannot happen below MAX_JSON_DEPTH unless the stack is already deep
+        raise JSONLineError("JSON nested too deep for the parser") from None
+
+
+def json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH, scan_bytes: int = 1 << 20) -> int:
+    """How deep brackets nest outside JSON strings, up to where the line stops being valid JSON.
+
+    Linear and without recursion: a line with at most `limit` brackets cannot nest past it and
+    is not scanned (0 is returned); the others are scanned in slices of `scan_bytes` with numpy (quotes preceded by an odd run
+    of backslashes are escaped; brackets between unescaped quotes are inside strings).
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0
+    deepest = depth = 0
+    inside = False  # inside a string at the slice start
+    backslashes = 0  # length of the backslash run that ends the previous slice
+    view = memoryview(raw)
+    for start in range(0, len(raw), scan_bytes):
+        a = np.frombuffer(view[start : start + scan_bytes], np.uint8)
+        pos = np.arange(a.size)
+        is_bs = a == 0x5C
+        # Backslashes in the run ending just before each byte (the previous slice's tail counts).
+        last_other = np.maximum.accumulate(np.where(is_bs, -1, pos))
+        run = pos - 1 - np.concatenate(([-1], last_other[:-1]))
+        run[: int(np.argmax(~is_bs)) + 1 if (~is_bs).any() else a.size] += backslashes
+        quote = (a == 0x22) & (run % 2 == 0)
+        toggles = np.cumsum(quote)
+        in_string = (toggles % 2 == 1) ^ inside  # a quote itself counts as inside; it is no bracket
+        step = ((a == 0x5B) | (a == 0x7B)).astype(np.int64) - ((a == 0x5D) | (a == 0x7D))
+        step[in_string] = 0
+        levels = depth + np.cumsum(step)
+        if levels.size:
+            deepest = max(deepest, int(levels.max()))
+            depth = int(levels[-1])
+        inside = bool(in_string[-1]) if a.size else inside
+        backslashes = int(run[-1] + 1) if a.size and is_bs[-1] else 0
+    return deepest
 
 
 def encode_line(obj: dict[str, Any]) -> bytes:

@@ -32,11 +32,13 @@ from tqdm import tqdm
 
 from blt_data.documents import (
     DEFAULT_PART_BYTES,
+    JSONLineError,
     PartWriter,
     check_document,
     encode_line,
     gzip_chunks,
     iter_lines,
+    parse_json_line,
     part_name,
     quarantine_record,
     read_chunks,
@@ -254,9 +256,9 @@ def _parse_line(name: str, line_no: int, raw: bytes) -> Record:
     if not raw.strip():
         return Record(name, line_no, bad="blank", raw=raw)
     try:
-        return Record(name, line_no, obj=json.loads(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return Record(name, line_no, bad=f"not valid JSON: {e}", raw=raw)
+        return Record(name, line_no, obj=parse_json_line(raw))
+    except JSONLineError as e:
+        return Record(name, line_no, bad=str(e), raw=raw)
 
 
 def _parquet_records(fi: int, url: str, name: str, skip: int, damage: list[Damage]) -> Iterator[tuple[Position, Record]]:
@@ -340,39 +342,55 @@ class _Downloader:
         if reason:
             self._quarantine(rec, reason)
             return 0
-        doc = self._document(rec)
+        doc, duplicate = self._document(rec)
+        try:
+            line = encode_line(doc)
+        except (UnicodeEncodeError, ValueError, RecursionError) as e:
+            # A value JSON can parse but UTF-8 cannot hold (a lone surrogate outside the text),
+            # or a Parquet value nested or sized past what `json` writes.
+            self._quarantine(rec, f"cannot be written as a document: {type(e).__name__}: {e}")
+            return 0
+        if duplicate:
+            self.stats.duplicate_ids += 1
+            if len(self.stats.duplicate_id_examples) < 20:
+                self.stats.duplicate_id_examples.append(duplicate)
+        self.seen.add(doc["id"])
         if self.data is None:
             self.data = self._open_part("")
         text_bytes = len(doc["text"].encode("utf-8"))
-        self.data.write_line(encode_line(doc))
+        self.data.write_line(line)
         self.stats.documents += 1
         self.stats.bytes += text_bytes
         return text_bytes
 
-    def _document(self, rec: Record) -> dict[str, Any]:
+    def _document(self, rec: Record) -> tuple[dict[str, Any], str | None]:
+        """The document line's object, and an example for the stats when its id was a duplicate."""
         obj = rec.obj
         text = obj[self.cfg.text_field]
         raw_id = obj.get("id") if self.source.kind == "stdlib" else obj.get(self.cfg.id_field)
         positional = f"{rec.source}:{rec.line}"
         doc_id = positional if raw_id is None or raw_id == "" else str(raw_id)
         doc = {k: v for k, v in obj.items() if k not in (self.cfg.text_field, self.cfg.id_field)}
+        duplicate = None
         if doc_id in self.seen:
-            self.stats.duplicate_ids += 1
-            if len(self.stats.duplicate_id_examples) < 20:
-                self.stats.duplicate_id_examples.append(f"{doc_id} (again at {positional})")
+            duplicate = f"{doc_id} (again at {positional})"
             doc["duplicate_of"] = doc_id
             doc_id = positional
             while doc_id in self.seen:  # a positional id can only collide with a hand-made one
                 doc_id += "#"
-        self.seen.add(doc_id)
         doc["id"] = doc_id
         doc["text"] = text
-        return doc
+        return doc, duplicate
 
     def _quarantine(self, rec: Record, reason: str) -> None:
         if self.quarantine is None:
             self.quarantine = self._open_part("_quarantine/")
-        self.quarantine.write_line(encode_line(quarantine_record(rec.source, rec.line, reason, rec.raw)))
+        record = quarantine_record(rec.source, rec.line, reason, rec.raw)
+        try:
+            line = encode_line(record)
+        except UnicodeEncodeError:  # a lone surrogate (in a file name, say): escaped, JSON allows it
+            line = json.dumps(record, default=str).encode("ascii") + b"\n"
+        self.quarantine.write_line(line)
         self.stats.quarantined += 1
 
     def _open_part(self, sub: str) -> PartWriter:
