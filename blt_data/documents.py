@@ -305,10 +305,23 @@ def split_lines(chunks: Iterable[bytes], pending: list[bytes] | None = None) -> 
         yield last
 
 
-def iter_lines(store: Store, rel: str) -> Iterator[bytes]:
-    """The lines (without newline) of a zstd JSONL object, streamed."""
-    with store.open_input(rel) as f:
-        yield from split_lines(zstd_chunks(f))
+class DocumentsError(ValueError):
+    """A committed documents part that cannot be read as one; the message names the part."""
+
+
+def iter_lines(store: Store, rel: str, part: PartInfo | None = None) -> Iterator[bytes]:
+    """The lines (without newline) of a zstd JSONL object, streamed.
+
+    With ``part`` (its manifest entry), its size is checked on open and its sha256 when the read
+    reaches the end (`Store.open_checked`): a part changed after its manifest raises
+    `IntegrityError` instead of feeding other bytes to the job.
+    """
+    f = store.open_checked(rel, part.bytes, part.sha256) if part is not None else store.open_input(rel)
+    with f:
+        try:
+            yield from split_lines(zstd_chunks(f))
+        except zstandard.ZstdError as e:
+            raise DocumentsError(f"{store.uri(rel)} is not a readable zstd JSONL part: {e}") from None
 
 
 def count_rows(store: Store, rel: str) -> int:
@@ -322,12 +335,26 @@ def count_rows(store: Store, rel: str) -> int:
 
 def iter_part_lines(registry: Registry, manifest: Manifest, split: str | None = None) -> Iterator[bytes]:
     for part in manifest.parts_of(split):
-        yield from iter_lines(registry.store, registry.part_path(manifest, part))
+        yield from iter_lines(registry.store, registry.part_path(manifest, part), part)
 
 
 def iter_documents(registry: Registry, manifest: Manifest, split: str | None = None) -> Iterator[dict]:
     """Every document of a documents dataset, part by part, in manifest order."""
     if manifest.kind != "documents":
         raise ValueError(f"{manifest.ref} is a {manifest.kind} dataset, not documents")
-    for line in iter_part_lines(registry, manifest, split):
-        yield json.loads(line)
+    for part in manifest.parts_of(split):
+        rel = registry.part_path(manifest, part)
+        for i, line in enumerate(iter_lines(registry.store, rel, part)):
+            yield parse_document(line, registry.store.uri(rel), i + 1)
+
+
+def parse_document(line: bytes, where: str, line_no: int) -> dict:
+    """One line of a committed documents part (written by this package, so any fault is
+    reported as the part's, with its line number)."""
+    try:
+        doc = parse_json_line(line)
+    except JSONLineError as e:
+        raise DocumentsError(f"{where} line {line_no}: {e}") from None
+    if check_document(doc) is not None or not isinstance(doc.get("id"), str):
+        raise DocumentsError(f"{where} line {line_no}: not a document ({check_document(doc) or 'no string id'})")
+    return doc

@@ -38,6 +38,7 @@ from blt_data.documents import (
     encode_line,
     gzip_chunks,
     iter_lines,
+    parse_document,
     parse_json_line,
     part_name,
     quarantine_record,
@@ -46,7 +47,7 @@ from blt_data.documents import (
     zstd_chunks,
 )
 from blt_data.registry import DatasetStats, Manifest, PartInfo, Registry, check_name, job_hash
-from blt_data.storage import filesystem_for
+from blt_data.storage import IntegrityError, filesystem_for
 
 log = logging.getLogger(__name__)
 
@@ -315,18 +316,32 @@ class _Downloader:
     # --- resume ---------------------------------------------------------------------------
 
     def load_finished(self) -> tuple[Position, list[dict]]:
-        """The completion records of parts 0..k-1 (contiguous) and the position after them."""
-        records = []
+        """The completion records of parts 0..k-1 (contiguous) and the position after them.
+
+        A record that cannot be read, or whose part no longer matches it, ends the list there:
+        parts are a pure function of the source, so that part and the ones after it are redone.
+        """
+        records: list[dict] = []
+        seen: set[str] = set()  # ids of kept parts, so duplicates across the resume point are caught
+        dataset_dir = self.registry.dataset_dir(self.cfg.name)
         while True:
             rel = f"{self.job}/_done/{part_name(len(records), '.json')}"
             if not self.store.exists(rel):
                 break
-            records.append(json.loads(self.store.read_bytes(rel)))
-        for rec in records:  # ids of kept parts, so duplicates across the resume point are caught
-            if rec["part"]:
-                dataset_dir = self.registry.dataset_dir(self.cfg.name)
-                for line in iter_lines(self.store, f"{dataset_dir}/{rec['part']['path']}"):
-                    self.seen.add(json.loads(line)["id"])
+            ids = []
+            try:
+                rec = _check_record(json.loads(self.store.read_bytes(rel)), len(records))
+                if rec["part"]:
+                    part = PartInfo(**rec["part"])
+                    where = f"{dataset_dir}/{part.path}"
+                    for i, line in enumerate(iter_lines(self.store, where, part)):
+                        ids.append(parse_document(line, self.store.uri(where), i + 1)["id"])
+            except (ValueError, KeyError, TypeError, FileNotFoundError, IntegrityError) as e:
+                log.warning("redoing from part %d: %s cannot be trusted (%s)", len(records), self.store.uri(rel), e)
+                break
+            seen.update(ids)
+            records.append(rec)
+        self.seen = seen
         self.index = len(records)
         start = tuple(records[-1]["end"]) if records else (0, 0)
         return start, records  # type: ignore[return-value]
@@ -418,6 +433,20 @@ class _Downloader:
         self.stats = DatasetStats()
         self.index += 1
         return record
+
+
+def _check_record(rec: Any, index: int) -> dict:
+    """A completion record as `finish_part` writes it, or ValueError."""
+    if not isinstance(rec, dict) or rec.get("index") != index:
+        raise ValueError(f"not the record of part {index}")
+    end = rec["end"]
+    if not (isinstance(end, list) and len(end) == 2 and all(type(v) is int and v >= 0 for v in end)):
+        raise ValueError(f"bad source position {end!r}")
+    for key in ("part", "quarantine"):
+        if rec[key] is not None:
+            PartInfo(**rec[key])
+    DatasetStats(**rec["stats"])
+    return rec
 
 
 def download(registry: Registry, cfg: DownloadConfig, progress: bool = False) -> Manifest:

@@ -42,6 +42,10 @@ class StoreError(RuntimeError):
     """A store could not be reached or refused an operation; the message names the URL."""
 
 
+class IntegrityError(StoreError):
+    """An object's bytes are not the ones its manifest recorded; the message names the object."""
+
+
 def _is_transient(exc: BaseException) -> bool:
     # botocore already retries 5xx/throttling per request (see s3_options); this catches what
     # escapes it: timeouts, dropped connections and the EREMOTEIO s3fs maps InternalError to.
@@ -154,6 +158,25 @@ class Store:
             return self.fs.open(self.path(rel), "rb", block_size=block_size)
         except FileNotFoundError:
             raise FileNotFoundError(f"not found: {self.uri(rel)}") from None
+
+    def open_checked(self, rel: str, size: int, sha256: str, block_size: int = 8 << 20) -> IO[bytes]:
+        """`open_input` for an object whose size and sha256 a manifest recorded.
+
+        The size is checked at once (the open already asked the store for it); the sha256 when
+        a sequential read reaches the end, at the cost of hashing what is read anyway. Either
+        mismatch raises `IntegrityError` naming the object. A reader that stops early, or
+        seeks, gets the size check only.
+        """
+        f = self.open_input(rel, block_size)
+        found = getattr(f, "size", None)
+        found = int(found) if found is not None else self.size(rel)
+        if found != size:
+            f.close()
+            raise IntegrityError(
+                f"{self.uri(rel)} is {found} bytes, its manifest says {size}: it changed after it was "
+                "committed (`blt-data registry verify` checks every part)"
+            )
+        return _CheckedReader(f, self.uri(rel), size, sha256)
 
     @transient_retry
     def list(self, rel: str = "", *, detail: bool = False) -> list:
@@ -366,3 +389,57 @@ class HashingWriter(io.RawIOBase):
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
+
+
+class _CheckedReader(io.RawIOBase):
+    """Reads through to ``raw``, hashing sequential reads; at the end compares size and sha256."""
+
+    def __init__(self, raw: IO[bytes], uri: str, size: int, sha256: str):
+        self.raw, self.uri, self.size, self.sha256 = raw, uri, size, sha256
+        self._hash: Any = hashlib.sha256()  # None once a seek makes the hash meaningless
+        self.nbytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        data = self.raw.read(n)
+        if self._hash is not None:
+            if data:
+                self._hash.update(data)
+                self.nbytes += len(data)
+                if self.nbytes > self.size:
+                    self._mismatch(f"holds more than the {self.size} bytes its manifest says")
+            elif n != 0:
+                self._at_end()
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._hash = None  # not a sequential read any more: only the size was checked
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+    def _at_end(self) -> None:
+        if self.nbytes != self.size:
+            self._mismatch(f"ended after {self.nbytes} of the {self.size} bytes its manifest says")
+        found = self._hash.hexdigest()
+        if found != self.sha256:
+            self._mismatch(f"has sha256 {found[:12]}…, its manifest says {self.sha256[:12]}…")
+        self._hash = None  # checked; later reads at the end return b"" again without a second check
+
+    def _mismatch(self, what: str) -> None:
+        raise IntegrityError(f"{self.uri} {what}: it changed after it was committed (`blt-data registry verify` checks every part)")
