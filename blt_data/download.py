@@ -47,7 +47,7 @@ from blt_data.documents import (
     zstd_chunks,
 )
 from blt_data.registry import DatasetStats, Manifest, PartInfo, Registry, check_name, job_hash
-from blt_data.storage import IntegrityError, filesystem_for
+from blt_data.storage import IntegrityError, filesystem_for, is_transport_error
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,7 @@ def _line_records(fi: int, url: str, name: str, skip: int, damage: list[Damage])
                     continue
                 yield (fi, line_no), _parse_line(name, line_no, raw)
         except (zstandard.ZstdError, EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+            _raise_if_transport(e, url)
             partial = b"".join(pending)
             damage.append(Damage(file=name, error=f"{type(e).__name__}: {e}", lines_read=line_no, bytes_read=nbytes + len(partial)))
             log.warning("%s is damaged after %d lines (%d bytes): %s", name, line_no, nbytes, e)
@@ -251,6 +252,13 @@ def _line_records(fi: int, url: str, name: str, skip: int, damage: list[Damage])
                 line_no += 1
                 if line_no > skip:
                     yield (fi, line_no), Record(name, line_no, bad="incomplete line: file damaged here", raw=partial)
+
+
+def _raise_if_transport(e: BaseException, url: str) -> None:
+    """A store that cannot be reached is no damaged file: stop (a rerun resumes) rather than
+    commit a dataset without the rest of the file."""
+    if is_transport_error(e):
+        raise SourceError(f"cannot read {url}: {type(e).__name__}: {e}") from None
 
 
 def _parse_line(name: str, line_no: int, raw: bytes) -> Record:
@@ -280,6 +288,7 @@ def _parquet_records(fi: int, url: str, name: str, skip: int, damage: list[Damag
                     if row > skip:
                         yield (fi, row), Record(name, row, obj=obj)
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            _raise_if_transport(e, url)
             damage.append(Damage(file=name, error=f"{type(e).__name__}: {e}", lines_read=row, bytes_read=-1))
             log.warning("%s is damaged after %d rows: %s", name, row, e)
 

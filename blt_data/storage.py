@@ -12,6 +12,7 @@ other S3-compatible stores); nothing here ever formats credentials into a messag
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "./blt-store"
 STORE_ENV = "BLT_STORE"
+READ_TIMEOUT_ENV = "BLT_S3_READ_TIMEOUT_S"
 
 
 class StoreError(RuntimeError):
@@ -57,6 +59,33 @@ def _is_transient(exc: BaseException) -> bool:
     return any(s in text for s in ("SlowDown", "Throttl", "ServiceUnavailable", "InternalError"))
 
 
+def is_transport_error(exc: BaseException) -> bool:
+    """An error of reaching the store (refused, timed out, cut off, denied), as opposed to one in
+    the bytes it returned."""
+    if _is_transient(exc) or isinstance(exc, PermissionError):
+        return True
+    return any(c.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
+               for c in type(exc).__mro__)
+
+
+def _named(method):
+    """Errors that escape a store call name the object: PermissionError stays one, other transport
+    errors (what the retries gave up on) become StoreError."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Store", rel: str = "", *args, **kwargs):
+        try:
+            return method(self, rel, *args, **kwargs)
+        except PermissionError as e:
+            raise PermissionError(f"access denied to {self.uri(rel)}: {_clean(e)}") from None
+        except Exception as e:
+            if isinstance(e, (FileNotFoundError, FileExistsError, StoreError)) or not is_transport_error(e):
+                raise
+            raise StoreError(f"cannot reach {self.uri(rel)}: {type(e).__name__}: {_clean(e)}") from None
+
+    return wrapper
+
+
 transient_retry = retry(
     retry=retry_if_exception(_is_transient),
     wait=wait_random_exponential(multiplier=0.2, max=20),
@@ -71,13 +100,16 @@ def resolve_store_url(store: str | None) -> str:
     return store or os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
-def s3_options(max_attempts: int = 6, connect_timeout: int = 10) -> dict[str, Any]:
+def s3_options(max_attempts: int = 4, connect_timeout: int = 10) -> dict[str, Any]:
     opts: dict[str, Any] = {
         # Adaptive mode backs off on throttling and retries 5xx with jitter (botocore's own).
         "config_kwargs": {
-            "retries": {"max_attempts": max_attempts, "mode": "adaptive"},
+            # AWS_MAX_ATTEMPTS, AWS's own variable, wins as it does for any AWS client.
+            "retries": {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or max_attempts), "mode": "adaptive"},
             "connect_timeout": connect_timeout,
-            "read_timeout": 60,
+            # Seconds without a byte before a request is retried (see filesystem_for for how
+            # many times), so a store that stalls fails in bounded time.
+            "read_timeout": float(os.environ.get(READ_TIMEOUT_ENV) or 30),
         },
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -96,7 +128,11 @@ def filesystem_for(url: str, probe: bool = False) -> tuple[fsspec.AbstractFileSy
     if protocol in ("s3", "s3a"):
         opts = s3_options(max_attempts=2, connect_timeout=3) if probe else s3_options()
         fs = fsspec.filesystem("s3", **opts)
-        fs.retries = 1 if probe else 3  # s3fs's own retry loop, on top of botocore's
+        # s3fs's own retry loop runs on top of botocore's, twice nested on a file read (around the
+        # GET and around the body), so attempts multiply: 2 x 2 x 4 = 16 for a read that stalls,
+        # each after READ_TIMEOUT_ENV seconds (8 minutes at the default 30 s). s3fs's loop is
+        # kept for what botocore does not retry: a body cut off mid-read.
+        fs.retries = 1 if probe else 2
         return fs, fs._strip_protocol(url)
     fs, path = fsspec.core.url_to_fs(url)
     if protocol in ("file", "local"):
@@ -134,10 +170,12 @@ class Store:
 
     # --- reads -----------------------------------------------------------------------------
 
+    @_named
     @transient_retry
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    @_named
     @transient_retry
     def read_bytes(self, rel: str) -> bytes:
         try:
@@ -148,6 +186,7 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
+    @_named
     def open_input(self, rel: str, block_size: int = 8 << 20) -> IO[bytes]:
         """A seekable binary reader; large reads stream instead of loading the object.
 
@@ -159,6 +198,7 @@ class Store:
         except FileNotFoundError:
             raise FileNotFoundError(f"not found: {self.uri(rel)}") from None
 
+    @_named
     def open_checked(self, rel: str, size: int, sha256: str, block_size: int = 8 << 20) -> IO[bytes]:
         """`open_input` for an object whose size and sha256 a manifest recorded.
 
@@ -178,6 +218,7 @@ class Store:
             )
         return _CheckedReader(f, self.uri(rel), size, sha256)
 
+    @_named
     @transient_retry
     def list(self, rel: str = "", *, detail: bool = False) -> list:
         """Direct children of a folder (names relative to the store root); [] if absent."""
@@ -193,6 +234,7 @@ class Store:
             items.append({**e, "name": name} if detail else name)
         return items
 
+    @_named
     @transient_retry
     def find(self, rel: str = "") -> list[str]:
         try:
@@ -200,6 +242,7 @@ class Store:
         except FileNotFoundError:
             return []
 
+    @_named
     @transient_retry
     def find_detail(self, rel: str = "") -> list[tuple[str, int, float]]:
         """(path, bytes, modified as Unix seconds) of every published file below `rel`."""
@@ -218,6 +261,7 @@ class Store:
             out.append((name, int(info.get("size") or 0), float(modified or 0)))
         return sorted(out)
 
+    @_named
     @transient_retry
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
@@ -234,6 +278,7 @@ class Store:
 
     # --- writes ----------------------------------------------------------------------------
 
+    @_named
     @transient_retry
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Publish a whole object at once (overwrites)."""
@@ -276,16 +321,18 @@ class Store:
             if self.is_local:
                 os.replace(tmp, target)
             else:
-                self._upload(tmp, target)
+                self._upload(rel, tmp)
         finally:
             raw.close()
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    @_named
     @transient_retry
-    def _upload(self, local_path: str, target: str) -> None:
-        self.fs.put_file(local_path, target)
+    def _upload(self, rel: str, local_path: str) -> None:
+        self.fs.put_file(local_path, self.path(rel))
 
+    @_named
     @transient_retry
     def put_if_absent(self, rel: str, data: bytes) -> bool:
         """Create the object only if nothing is there; True if this call created it.
@@ -314,6 +361,7 @@ class Store:
                 return False
             raise
 
+    @_named
     @transient_retry
     def delete(self, rel: str, recursive: bool = False) -> None:
         try:
@@ -403,7 +451,12 @@ class _CheckedReader(io.RawIOBase):
         return True
 
     def read(self, n: int = -1) -> bytes:  # type: ignore[override]
-        data = self.raw.read(n)
+        try:
+            data = self.raw.read(n)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri} disappeared while it was read") from None
+        except OSError as e:  # what the store's retries gave up on: name the object
+            raise StoreError(f"cannot read {self.uri}: {type(e).__name__}: {_clean(e)}") from None
         if self._hash is not None:
             if data:
                 self._hash.update(data)
