@@ -428,7 +428,7 @@ class _Downloader:
         """Publish part k and its quarantine part, then the completion record (last)."""
         self.stats.damaged_files.extend(vars(d) for d in damage)
         damage.clear()
-        if self.data is None and self.quarantine is None and not self.stats.damaged_files:
+        if self.data is None and self.quarantine is None and not (self.stats.damaged_files or self.stats.blank_lines):
             return None
         record = {
             "index": self.index,
