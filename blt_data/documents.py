@@ -14,7 +14,6 @@ import json
 import zlib
 from typing import IO, Any, Iterable, Iterator
 
-import numpy as np
 import zstandard
 
 from blt_data.registry import Manifest, PartInfo, Registry
@@ -31,8 +30,9 @@ def part_name(index: int, ext: str = PART_EXT) -> str:
     return f"part-{index:06d}{ext}"
 
 
-# Deeper JSON is refused before parsing: the standard parser recurses once per level and stops
-# with RecursionError near 1000 levels, at a depth that depends on the caller's stack.
+# Deeper JSON is refused. The standard parser recurses once per level and stops with
+# RecursionError near 1000 levels (a depth that depends on the caller's stack): below that, the
+# limit makes the outcome the same wherever the line is parsed; above, the RecursionError is caught.
 MAX_JSON_DEPTH = 256
 
 
@@ -52,51 +52,33 @@ def parse_json_line(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise JSONLineError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    depth = json_depth(raw)
-    if depth > MAX_JSON_DEPTH:
-        raise JSONLineError(f"JSON nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})")
     try:
-        return json.loads(text.removeprefix("\ufeff"))
+        value = json.loads(text.removeprefix("\ufeff"))
     except json.JSONDecodeError as e:
         raise JSONLineError(f"not valid JSON: {e}") from None
     except ValueError as e:  # an integer past sys.get_int_max_str_digits()
         raise JSONLineError(f"unreadable JSON number: {e}") from None
-    except RecursionError:  # cannot happen below MAX_JSON_DEPTH unless the stack is already deep
-        raise JSONLineError("JSON nested too deep for the parser") from None
+    except RecursionError:  # the parser gives up near the interpreter's recursion limit
+        raise JSONLineError(f"JSON nested deeper than the parser's limit (the limit is {MAX_JSON_DEPTH})") from None
+    # Only a line with more brackets than the limit can nest past it (most lines, code in a
+    # string included, hold few containers, and the walk below is over containers, not bytes).
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and (depth := json_depth(value)) > MAX_JSON_DEPTH:
+        raise JSONLineError(f"JSON nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})")
+    return value
 
 
-def json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH, scan_bytes: int = 1 << 20) -> int:
-    """How deep brackets nest outside JSON strings, up to where the line stops being valid JSON.
-
-    Linear and without recursion: a line with at most `limit` brackets cannot nest past it and
-    is not scanned (0 is returned); the others are scanned in slices of `scan_bytes` with numpy (quotes preceded by an odd run
-    of backslashes are escaped; brackets between unescaped quotes are inside strings).
-    """
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return 0
-    deepest = depth = 0
-    inside = False  # inside a string at the slice start
-    backslashes = 0  # length of the backslash run that ends the previous slice
-    view = memoryview(raw)
-    for start in range(0, len(raw), scan_bytes):
-        a = np.frombuffer(view[start : start + scan_bytes], np.uint8)
-        pos = np.arange(a.size)
-        is_bs = a == 0x5C
-        # Backslashes in the run ending just before each byte (the previous slice's tail counts).
-        last_other = np.maximum.accumulate(np.where(is_bs, -1, pos))
-        run = pos - 1 - np.concatenate(([-1], last_other[:-1]))
-        run[: int(np.argmax(~is_bs)) + 1 if (~is_bs).any() else a.size] += backslashes
-        quote = (a == 0x22) & (run % 2 == 0)
-        toggles = np.cumsum(quote)
-        in_string = (toggles % 2 == 1) ^ inside  # a quote itself counts as inside; it is no bracket
-        step = ((a == 0x5B) | (a == 0x7B)).astype(np.int64) - ((a == 0x5D) | (a == 0x7D))
-        step[in_string] = 0
-        levels = depth + np.cumsum(step)
-        if levels.size:
-            deepest = max(deepest, int(levels.max()))
-            depth = int(levels[-1])
-        inside = bool(in_string[-1]) if a.size else inside
-        backslashes = int(run[-1] + 1) if a.size and is_bs[-1] else 0
+def json_depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node if isinstance(child, (list, dict)))
     return deepest
 
 
