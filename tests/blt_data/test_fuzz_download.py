@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from blt_data.documents import MAX_JSON_DEPTH, iter_documents, iter_lines, json_depth, parse_json_line
+from blt_data.documents import iter_documents, iter_lines, json_depth, parse_json_line
 from blt_data.download import DownloadConfig, download
 from blt_data.registry import Registry
 from blt_data.storage import Store
