@@ -183,3 +183,13 @@ def test_tampered_completion_record_is_redone(template, index, mutate):
         m = download(reg, DownloadConfig(source=str(src), name="docs", part_bytes=3000))
         assert [(d["id"], d["text"]) for d in iter_documents(reg, m)] == expected
         assert m.stats.documents == before.stats.documents
+
+
+def test_verify_a_part_that_ends_with_an_empty_document(tmp_path):
+    """Found by fuzzing: `registry verify` of a patches part whose last document is empty raised
+    IndexError (numpy's reduceat past the end of the patch lengths)."""
+    reg = Registry(Store.open(str(tmp_path / "store")))
+    m = commit_patches(reg, splits={"train": {"a": "some text", "b": ""}, "val": {"c": ""}}, parts=1)
+    assert reg.verify(m) == []
+    code, out = cli("registry", "verify", "pp", "--store", reg.store.url, "-q")
+    assert code == 0, out
