@@ -339,7 +339,7 @@ class _Downloader:
                 break
             ids = []
             try:
-                rec = _check_record(json.loads(self.store.read_bytes(rel)), len(records))
+                rec = _check_record(parse_json_line(self.store.read_bytes(rel)), len(records))
                 if rec["part"]:
                     part = PartInfo(**rec["part"])
                     where = f"{dataset_dir}/{part.path}"

@@ -193,3 +193,14 @@ def test_verify_a_part_that_ends_with_an_empty_document(tmp_path):
     assert reg.verify(m) == []
     code, out = cli("registry", "verify", "pp", "--store", reg.store.url, "-q")
     assert code == 0, out
+
+
+def test_deep_completion_record_is_redone(template, tmp_path):
+    """Found by fuzzing: a completion record nested 2,000 deep raised RecursionError on resume."""
+    reg = fresh(template, str(tmp_path))
+    before = reg.resolve("docs")
+    shutil.rmtree(Path(reg.store.root) / "datasets/docs/v0001")
+    record = f"{reg.job_dir('docs', before.job_id)}/_done/part-000000.json"
+    reg.store.write_bytes(record, b'{"name": ' + b"[" * 2000 + b"]" * 2000 + b"}")
+    m = download(reg, DownloadConfig(source=str(template / "src.jsonl"), name="docs", part_bytes=3000))
+    assert m.stats.documents == before.stats.documents
