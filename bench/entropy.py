@@ -48,17 +48,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def packing_counts(model, docs, row_len, batch_rows) -> np.ndarray:
+def packing_counts(model, docs, row_len, batch_rows, carry=True) -> np.ndarray:
     """[row tokens, pad tokens, kept tokens] of packing `docs`."""
     counts = np.zeros(3, dtype=np.int64)
     for batch in pack_batches(
-        docs, context_tokens=model.context_tokens, row_len=row_len, batch_rows=batch_rows
+        docs,
+        context_tokens=model.context_tokens,
+        row_len=row_len,
+        batch_rows=batch_rows,
+        carry=model.window if carry else None,
     ):
         counts += [batch.num_tokens, batch.num_pad_tokens, batch.output_index.numel()]
     return counts
 
 
-def bench(model, docs, row_len, batch_rows, device, dtype, seconds, rounds=4) -> dict:
+def bench(model, docs, row_len, batch_rows, device, dtype, seconds, rounds=4, carry=True) -> dict:
     """Scoring and the bare forward, measured in alternating slices so that load from other
     processes hits both alike."""
     scored = score_entropies(
@@ -68,6 +72,7 @@ def bench(model, docs, row_len, batch_rows, device, dtype, seconds, rounds=4) ->
         batch_rows=batch_rows,
         device=device,
         dtype=dtype,
+        carry=carry,
     )
     tokens = torch.randint(4, 260, (batch_rows, row_len), device=device)
     doc_ids = torch.zeros_like(tokens)
@@ -104,9 +109,9 @@ def bench(model, docs, row_len, batch_rows, device, dtype, seconds, rounds=4) ->
     scored.close()
 
     # Packing of all documents read as one stream (warm-up included): padding is then only the
-    # tail of the very last row; context re-reads are what cuts at row edges cost.
+    # tails of the last rows; context re-reads (without carry) are what cuts at row edges cost.
     read = itertools.islice(itertools.cycle(docs), num_warmup_docs + num_docs)
-    total, pad, kept = packing_counts(model, read, row_len, batch_rows)
+    total, pad, kept = packing_counts(model, read, row_len, batch_rows, carry)
     scoring = {
         "documents": num_docs,
         "bytes": num_bytes,
@@ -163,6 +168,9 @@ def main() -> None:
     parser.add_argument("--row-len", type=int, default=None, help="default: the model's max_seqlen")
     parser.add_argument("--batch-rows", type=int, default=None, help="default: 8 on CUDA, 2 on CPU")
     parser.add_argument("--max-doc-bytes", type=int, default=16384, help="cut longer documents")
+    parser.add_argument(
+        "--no-carry", action="store_true", help="re-read context at cuts instead of carrying keys/values"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "entropy.json"))
     args = parser.parse_args()
 
@@ -181,7 +189,8 @@ def main() -> None:
     batch_rows = args.batch_rows or (8 if device.type == "cuda" else 2)
     docs = stdlib_documents(args.max_doc_bytes)
 
-    measured = bench(model, docs, row_len, batch_rows, device, dtype, args.seconds)
+    carry = not args.no_carry
+    measured = bench(model, docs, row_len, batch_rows, device, dtype, args.seconds, carry=carry)
     scoring, bare = measured["scoring"], measured["bare_forward"]
     lengths = np.array([len(d.encode("utf-8")) for d in docs])
     result = {
@@ -197,6 +206,7 @@ def main() -> None:
         "row_len": row_len,
         "batch_rows": batch_rows,
         "context_tokens": model.context_tokens,
+        "carry": carry,
         "scoring": scoring,
         "bare_forward": bare,
         "scoring_over_bare": scoring["bytes_per_s"] / bare["bytes_per_s"],
@@ -216,7 +226,11 @@ def main() -> None:
             f"{args.model} ({config.dim}d x {config.n_layers}L, window {config.window})"
             f" / {result['dtype']}",
         ),
-        ("rows", f"{batch_rows} x {row_len} tokens, context re-read {model.context_tokens}"),
+        (
+            "rows",
+            f"{batch_rows} x {row_len} tokens, "
+            + (f"keys/values carried ({config.window})" if carry else f"context re-read {model.context_tokens}"),
+        ),
         (
             "documents",
             f"stdlib sources, mean {lengths.mean():.0f} B, median {np.median(lengths):.0f} B",

@@ -41,6 +41,7 @@ import torch
 from blt_data.documents import iter_documents
 from blt_data.download import DownloadConfig, download
 from blt_data.entropy import score_entropies
+from blt_data.patching import PatchRule
 from blt_data.registry import Registry
 from blt_data.storage import Store
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
@@ -123,7 +124,7 @@ def bare(model, texts, args, dtype) -> dict:
 def job_config(args, docs: str, out: str, workers: int, model_ref: str) -> PatchJobConfig:
     gpu = args.device == "cuda"
     return PatchJobConfig(
-        docs=docs, name=out, model=model_ref, threshold=args.threshold, unit_bytes=args.unit_kb * 1000,
+        docs=docs, name=out, model=model_ref, rule=PatchRule(threshold=args.threshold), unit_bytes=args.unit_kb * 1000,
         workers=workers, gpus_per_worker=(1 / workers if gpu else 0),
         cpus_per_worker=args.threads / workers, threads_per_worker=max(1, args.threads // workers),
         row_len=args.row_len, batch_rows=args.batch_rows,

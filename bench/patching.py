@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from blt_data.calibrate import calibrate_threshold
-from blt_data.patching import PatchConfig, patch_lengths, patch_lengths_arrow, patch_lengths_batch
+from blt_data.patching import PatchRule, patch_lengths, patch_lengths_arrow, patch_lengths_batch
 
 
 def make_documents(total_bytes: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -75,13 +75,13 @@ def main() -> None:
         calibrations[scheme] = {**cal.model_dump(), "seconds": time.perf_counter() - start}
 
     configs = {
-        "entropy": PatchConfig(scheme="entropy", threshold=calibrations["entropy"]["threshold"]),
-        "entropy+max8": PatchConfig(scheme="entropy", threshold=calibrations["entropy"]["threshold"], max_patch_length=8),
-        "monotonic": PatchConfig(scheme="monotonic", threshold=calibrations["monotonic"]["threshold"]),
-        "space": PatchConfig(scheme="space"),
-        "space+max16": PatchConfig(scheme="space", max_patch_length=16),
-        "static": PatchConfig(scheme="static", patch_size=4),
-        "byte": PatchConfig(scheme="byte"),
+        "entropy": PatchRule(scheme="entropy", threshold=calibrations["entropy"]["threshold"]),
+        "entropy+max8": PatchRule(scheme="entropy", threshold=calibrations["entropy"]["threshold"], max_patch_length=8),
+        "monotonic": PatchRule(scheme="monotonic", threshold=calibrations["monotonic"]["threshold"]),
+        "space": PatchRule(scheme="space"),
+        "space+max16": PatchRule(scheme="space", max_patch_length=16),
+        "static": PatchRule(scheme="static", patch_size=4),
+        "byte": PatchRule(scheme="byte"),
     }
     text = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(utf8))
     entropy_column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(entropies))

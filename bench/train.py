@@ -33,10 +33,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from blt_data.patches import UnitStats, arrow_schema_summary, build_table, part_name, write_part
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patches import arrow_schema_summary, build_table, part_name, write_part
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.reader import Reader, ReaderConfig
 from blt_data.registry import Manifest, Registry
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 from blt_model.blt import BLT, byte_loss, load_blt_preset
 from blt_model.optim import adamw
@@ -62,17 +63,17 @@ def stdlib_texts(max_bytes: int, seed: int = 0) -> list[str]:
 
 def patches_dataset(reg: Registry, texts: list[str], patch_size: int, name: str = "bench") -> Manifest:
     """A patches dataset (static patches, no entropies) written with the patch job's writers."""
-    cfg = PatchConfig(scheme="static", patch_size=patch_size)
-    job, infos, stats = "bench", [], UnitStats()
+    cfg = PatchRule(scheme="static", patch_size=patch_size)
+    job, infos, stats = "bench", [], DatasetStats()
     for index, chunk in enumerate(np.array_split(np.arange(len(texts)), max(1, len(texts) // 200))):
         text = pa.array([texts[i] for i in chunk], pa.large_string())
         lengths = patch_lengths_arrow(text, None, cfg)
         table = build_table([f"d{i}" for i in chunk], text, lengths, None)
         infos.append(write_part(reg.store, f"{reg.job_dir(name, job)}/{part_name(index)}", f"_jobs/{job}/{part_name(index)}",
                                 table, dataset=name, job_id=job))
-        stats = stats + UnitStats.of(lengths, None)
+        stats = stats + DatasetStats.of(lengths, None)
     return reg.commit(Manifest(name=name, kind="patches", job_id=job, arrow_schema=arrow_schema_summary(False),
-                               parts=infos, stats=stats.dataset_stats({"train": len(texts)})))
+                               parts=infos, stats=stats.model_copy(update={"splits": {"train": len(texts)}})))
 
 
 def measure_reader(reg: Registry, name: str, seq_len: int, batch_size: int, max_batches: int) -> dict:

@@ -23,12 +23,13 @@ sample and the arguments. Which documents form the sample is the caller's choice
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from blt_data.patching import PatchConfig, patch_lengths_batch, start_scores
+from blt_data.patching import PatchRule, patch_lengths_batch, start_scores
+from blt_data.storage import Store
 
 
 class CalibrationError(ValueError):
@@ -49,8 +50,30 @@ class Calibration(BaseModel):
     sample_bytes: int
     sample_patches: int
 
-    def patch_config(self) -> PatchConfig:
-        return PatchConfig(scheme=self.scheme, threshold=self.threshold, max_patch_length=self.max_patch_length)
+    def patch_rule(self) -> PatchRule:
+        return PatchRule(scheme=self.scheme, threshold=self.threshold, max_patch_length=self.max_patch_length)
+
+
+def calibrated(
+    store: Store, job_dir: str, rule: PatchRule, sample: Callable[[], Sequence[np.ndarray]]
+) -> tuple[PatchRule, Calibration | None]:
+    """The rule as a job applies it, and its calibration (None when the rule has a threshold).
+
+    A target patch size becomes a threshold once per job: calibrated on ``sample()`` (per-document
+    entropies the caller provides: scored by the patch job, read back by repatch) and stored in
+    ``<job_dir>/calibration.json`` with put-if-absent; every later run of the job reuses it.
+    """
+    if rule.target_patch_size is None:
+        return rule, None
+    rel = f"{job_dir}/calibration.json"
+    if not store.exists(rel):
+        calibration = calibrate_threshold(
+            sample(), rule.target_patch_size, scheme=rule.scheme, max_patch_length=rule.max_patch_length
+        )
+        store.put_if_absent(rel, calibration.model_dump_json(indent=2).encode())
+    # Whoever stored it first wins: a concurrent run may have scored with other float noise.
+    calibration = Calibration.model_validate_json(store.read_bytes(rel))
+    return rule.with_threshold(calibration.threshold), calibration
 
 
 def calibrate_threshold(
@@ -176,5 +199,5 @@ def _candidate(values: np.ndarray, k: int) -> float:
 
 
 def _count_patches(e, lengths, scheme, threshold, max_patch_length) -> int:
-    cfg = PatchConfig(scheme=scheme, threshold=threshold, max_patch_length=max_patch_length)
+    cfg = PatchRule(scheme=scheme, threshold=threshold, max_patch_length=max_patch_length)
     return int(patch_lengths_batch(lengths, e, cfg).patch_lengths.size)

@@ -46,7 +46,9 @@ from blt_data.documents import (
     split_lines,
     zstd_chunks,
 )
-from blt_data.registry import DatasetStats, Manifest, PartInfo, Registry, check_name, job_hash
+from blt_data.jobs import output_fields
+from blt_data.registry import Manifest, PartInfo, Registry, check_name, job_hash
+from blt_data.stats import DatasetStats
 from blt_data.storage import IntegrityError, filesystem_for, is_transport_error
 
 log = logging.getLogger(__name__)
@@ -462,7 +464,7 @@ def download(registry: Registry, cfg: DownloadConfig, progress: bool = False) ->
     """Run (or resume, or reuse) a download; returns the committed manifest."""
     check_name(cfg.name)
     source = parse_source(cfg.source, cfg)
-    params = cfg.model_dump(exclude={"name"})
+    params = output_fields(cfg, exclude={"name"})
     job_id = job_hash({"step": "download", "source": source.fingerprint, "params": params})
     existing = registry.find_job(cfg.name, job_id)
     if existing is not None:

@@ -7,11 +7,14 @@ order, part by part, so the plan is a pure function of the input manifest and ``
 Doing unit k (``patch_unit``) writes, in this order:
 
     <output>/_jobs/<job-id>/part-<k:06d>.parquet          the patched documents (one Parquet part)
-    <output>/_jobs/<job-id>/_done/unit-<k:06d>.json       its completion record: PartInfo + UnitStats
+    <output>/_jobs/<job-id>/_done/unit-<k:06d>.json       its completion record: PartInfo + DatasetStats
 
 Invariant: a completion record exists only once its part is published whole, and the part is a
 pure function of the unit's documents and the job's parameters; so a record can be trusted by
 any later process, and a unit redone after a crash writes the same bytes again.
+
+When every unit has its record, ``commit_patches`` publishes the manifest (the one patches
+commit, shared by ``patch`` and ``repatch``).
 
 This module knows nothing of Ray: ``pipelines/patch_job.py`` runs ``patch_unit`` in actors and
 hands it the scoring function (the entropy model stays outside ``blt_data``).
@@ -19,16 +22,20 @@ hands it the scoring function (the entropy model stays outside ``blt_data``).
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from blt_data.calibrate import Calibration
 from blt_data.documents import iter_lines, parse_document
-from blt_data.patches import UnitStats, build_table, entropies_array, part_name, write_part
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patches import arrow_schema_summary, build_table, entropies_array, part_name, write_part
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, PartInfo, Registry
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 # texts -> one float array of per-byte entropies (nats) per text, in order.
@@ -55,8 +62,9 @@ class UnitSpec(BaseModel):
     output_dir: str
     name: str
     job_id: str
-    patch: PatchConfig
+    patch: PatchRule  # as applied: a calibrated threshold is set
     keep_entropies: bool
+    keep_eos_entropy: bool = False  # patches format 2: with the entropies, the end-of-document one
 
     @property
     def job_dir(self) -> str:
@@ -69,7 +77,7 @@ class UnitRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     unit: int
     part: PartInfo
-    stats: UnitStats
+    stats: DatasetStats
 
 
 def record_path(spec: UnitSpec, index: int) -> str:
@@ -140,20 +148,25 @@ def calibration_sample(store: Store, input_dir: str, units: list[Unit], sample_b
 def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None) -> UnitRecord:
     """Read, score (when ``score`` is given), patch and write one unit, then its record."""
     ids, texts = read_unit(store, spec.input_dir, unit)
-    entropies = None
+    entropies = eos_entropy = None
     if score is not None:
         # Rounded to float16 before patching: the rule sees exactly what is stored, so a repatch
         # from the stored entropies reproduces this job (DESIGN.md §4 stores float16).
-        entropies = entropies_array([np.asarray(e).astype(np.float16) for e in score(texts)])
+        scored = [np.asarray(e).astype(np.float16) for e in score(texts)]
+        if spec.keep_eos_entropy:  # each document's last value is its end-of-document entropy
+            eos_entropy = pa.array(np.array([e[-1] for e in scored], dtype=np.float16))
+            scored = [e[:-1] for e in scored]
+        entropies = entropies_array(scored)
     text = pa.array(texts, pa.large_string())
     patch_lengths = patch_lengths_arrow(text, entropies, spec.patch)
-    table = build_table(ids, text, patch_lengths, entropies if spec.keep_entropies else None)
+    keep = spec.keep_entropies
+    table = build_table(ids, text, patch_lengths, entropies if keep else None, eos_entropy if keep else None)
     info = write_part(
         store, f"{spec.job_dir}/{part_name(unit.index)}", f"_jobs/{spec.job_id}/{part_name(unit.index)}",
         table, dataset=spec.name, job_id=spec.job_id, split=unit.split,
     )
     flat = entropies.values.to_numpy(zero_copy_only=False) if entropies is not None else None
-    record = UnitRecord(unit=unit.index, part=info, stats=UnitStats.of(patch_lengths, flat))
+    record = UnitRecord(unit=unit.index, part=info, stats=DatasetStats.of(patch_lengths, flat))
     store.write_bytes(record_path(spec, unit.index), record.model_dump_json().encode())
     return record
 
@@ -167,3 +180,27 @@ def load_records(store: Store, spec: UnitSpec) -> dict[int, UnitRecord]:
             records[record.unit] = record
     return records
 
+
+def commit_patches(
+    registry: Registry, spec: UnitSpec, records: list[UnitRecord], requested: PatchRule,
+    calibration: Calibration | None, parents: list[str], params: dict,
+) -> Manifest:
+    """Commit a patches dataset from its unit records, in unit order (``patch`` and ``repatch``).
+
+    Statistics add in unit order, so the float sums of a resumed job equal an uninterrupted
+    one's. ``params`` (input, model, scoring, ...) are completed with the rule as requested, its
+    threshold as applied, and the calibration.
+    """
+    stats = sum((r.stats for r in records), DatasetStats())
+    splits = Counter()
+    for r in records:
+        splits[r.part.split] += r.part.rows
+    rule = requested.params() | {"threshold": spec.patch.threshold}
+    manifest = Manifest(
+        name=spec.name, kind="patches", job_id=spec.job_id, parents=parents,
+        params={**params, **rule, "calibration": calibration.model_dump() if calibration else None,
+                "entropies": spec.keep_entropies, "eos_entropy": spec.keep_eos_entropy},
+        arrow_schema=arrow_schema_summary(spec.keep_entropies, spec.keep_eos_entropy), parts=[r.part for r in records],
+        stats=stats.model_copy(update={"splits": dict(sorted(splits.items()))}),
+    )
+    return registry.commit(manifest)

@@ -73,11 +73,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Scheme = Literal["entropy", "monotonic", "space", "static", "byte"]
 ENTROPY_SCHEMES = ("entropy", "monotonic")
 
-# Histogram bins of patch lengths: bin i (0..63) counts patches of length i + 1 bytes, bin 64
-# counts patches longer than 64 bytes. Fixed bins so that per-unit histograms add up.
-HISTOGRAM_MAX_LENGTH = 64
-HISTOGRAM_BINS = HISTOGRAM_MAX_LENGTH + 1
-
 # Documents are patched in groups of about this many bytes, and monotonic differences (float64)
 # taken in chunks of this many bytes, so temporaries stay cache- and allocator-friendly.
 _GROUP_BYTES = 1 << 20
@@ -92,8 +87,14 @@ for _lo, _hi in ((b"0", b"9"), (b"A", b"Z"), (b"a", b"z")):
     _BYTE_CLASS[_lo[0] : _hi[0] + 1] = _WORD
 
 
-class PatchConfig(BaseModel):
-    """How documents are cut into patches (DESIGN.md §4)."""
+class PatchRule(BaseModel):
+    """How documents are cut into patches (DESIGN.md §4): the one config of the rule, nested in
+    every job that patches (``patch``, ``repatch``).
+
+    An entropy scheme takes its threshold either directly or as a target mean patch size that
+    calibration turns into one (``blt_data.calibrate.calibrated``); applying the rule needs the
+    threshold.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -103,14 +104,42 @@ class PatchConfig(BaseModel):
         allow_inf_nan=False,
         description="nats; entropy/monotonic only, required to apply them (e.g. from calibration)",
     )
+    target_patch_size: float | None = Field(
+        None, gt=0, description="bytes per patch; entropy/monotonic only: calibrate the threshold on a sample"
+    )
+    calibration_bytes: int = Field(10**6, ge=1024, le=1 << 30, description="sample size (UTF-8 bytes) for target_patch_size")
     max_patch_length: int | None = Field(None, ge=1, description="cut longer patches into pieces of this many bytes")
     patch_size: int = Field(4, ge=1, description="bytes per patch for `static`")
 
     @model_validator(mode="after")
-    def _threshold_only_for_entropy(self) -> "PatchConfig":
-        if self.threshold is not None and self.scheme not in ENTROPY_SCHEMES:
-            raise ValueError(f"threshold is only used by the entropy schemes, not by {self.scheme!r}")
+    def _threshold_only_for_entropy(self) -> "PatchRule":
+        if self.scheme not in ENTROPY_SCHEMES:
+            for name in ("threshold", "target_patch_size"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"scheme {self.scheme!r} takes no {name}: it is only used by the entropy schemes")
+        elif self.threshold is not None and self.target_patch_size is not None:
+            raise ValueError(f"scheme {self.scheme!r} takes a threshold or a target_patch_size, not both")
         return self
+
+    def require_threshold_or_target(self, options: str = "threshold and target_patch_size") -> None:
+        """For a job that has nowhere else to take the threshold from: an entropy scheme needs
+        one of the two (``options`` names them as the caller's user sets them)."""
+        if self.scheme in ENTROPY_SCHEMES and self.threshold is None and self.target_patch_size is None:
+            raise ValueError(f"scheme {self.scheme!r} needs exactly one of {options}")
+
+    def with_threshold(self, threshold: float) -> "PatchRule":
+        """The rule as applied once calibration chose its threshold."""
+        return self.model_copy(update={"threshold": threshold, "target_patch_size": None})
+
+    def params(self) -> dict:
+        """The rule as a manifest records it (``patch_size`` only where it is used)."""
+        return {
+            "scheme": self.scheme,
+            "threshold": self.threshold,
+            "target_patch_size": self.target_patch_size,
+            "max_patch_length": self.max_patch_length,
+            "patch_size": self.patch_size if self.scheme == "static" else None,
+        }
 
 
 class PatchedBatch(NamedTuple):
@@ -129,7 +158,7 @@ class PatchedBatch(NamedTuple):
 
 
 def patch_lengths(
-    text: str | bytes | memoryview, entropies: np.ndarray | None, cfg: PatchConfig
+    text: str | bytes | memoryview, entropies: np.ndarray | None, cfg: PatchRule
 ) -> np.ndarray:
     """Patch lengths (int32, bytes) of one document; ``entropies`` (one per UTF-8 byte, nats) are
     needed by the entropy schemes only."""
@@ -142,7 +171,7 @@ def patch_lengths(
 def patch_lengths_batch(
     byte_lengths: np.ndarray | Sequence[int],
     entropies: np.ndarray | None,
-    cfg: PatchConfig,
+    cfg: PatchRule,
     utf8: np.ndarray | bytes | None = None,
 ) -> PatchedBatch:
     """Patch many documents at once, laid end to end (the layout of an Arrow list/string column).
@@ -202,7 +231,7 @@ def patch_lengths_batch(
 
 
 def patch_lengths_arrow(
-    text: pa.Array | pa.ChunkedArray, entropies: pa.Array | pa.ChunkedArray | None, cfg: PatchConfig
+    text: pa.Array | pa.ChunkedArray, entropies: pa.Array | pa.ChunkedArray | None, cfg: PatchRule
 ) -> pa.ListArray:
     """The ``patch_lengths`` column (list<int32>) for a ``text`` column (string/large_string)
     and, for the entropy schemes, an ``entropies`` column (list<float16> or any float list)."""
@@ -258,55 +287,6 @@ def start_scores(
         return e[~first]
     diffs = np.diff(e.astype(np.float64))  # diffs[j-1] = e[j] - e[j-1]
     return diffs[~first[1:]]
-
-
-class PatchStats(BaseModel):
-    """Patch statistics of a set of documents; stats of disjoint sets add (``a + b``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    documents: int = 0
-    bytes: int = Field(0, description="UTF-8 bytes, the sum of all patch lengths")
-    patches: int = 0
-    patch_length_histogram: list[int] = Field(
-        default_factory=lambda: [0] * HISTOGRAM_BINS,
-        description="bin i < 64: patches of i + 1 bytes; bin 64: patches longer than 64 bytes",
-    )
-
-    @property
-    def mean_patch_length(self) -> float | None:
-        return self.bytes / self.patches if self.patches else None
-
-    def __add__(self, other: "PatchStats") -> "PatchStats":
-        return PatchStats(
-            documents=self.documents + other.documents,
-            bytes=self.bytes + other.bytes,
-            patches=self.patches + other.patches,
-            patch_length_histogram=[a + b for a, b in zip(self.patch_length_histogram, other.patch_length_histogram)],
-        )
-
-
-def patch_stats(
-    patch_lengths: np.ndarray | Sequence[np.ndarray], num_patches: np.ndarray | None = None
-) -> PatchStats:
-    """Stats of per-document arrays of patch lengths, or of the concatenation plus the patches per
-    document (``patch_stats(*patch_lengths_batch(...))``)."""
-    if num_patches is None:
-        if isinstance(patch_lengths, np.ndarray):
-            raise ValueError("a concatenated patch_lengths array needs num_patches (patches per document)")
-        documents = len(patch_lengths)
-        lengths = np.concatenate([np.zeros(0, np.int64), *(np.asarray(p, dtype=np.int64) for p in patch_lengths)])
-    else:
-        documents = len(num_patches)
-        lengths = np.asarray(patch_lengths, dtype=np.int64)
-        if int(np.sum(num_patches)) != lengths.size:
-            raise ValueError(f"num_patches sums to {int(np.sum(num_patches))}, but there are {lengths.size} patch lengths")
-    if lengths.size and lengths.min() < 1:
-        raise ValueError("patch lengths must be >= 1")
-    histogram = np.bincount(np.minimum(lengths, HISTOGRAM_BINS), minlength=HISTOGRAM_BINS + 1)[1:]
-    return PatchStats(
-        documents=documents, bytes=int(lengths.sum()), patches=int(lengths.size), patch_length_histogram=histogram.tolist()
-    )
 
 
 def _as_bytes(utf8: np.ndarray | bytes | None, total: int) -> np.ndarray:
@@ -397,3 +377,68 @@ def _cut(lengths: np.ndarray, num: np.ndarray, m: int) -> tuple[np.ndarray, np.n
     bounds = np.zeros(num.size + 1, dtype=np.int64)
     np.cumsum(num, out=bounds[1:])
     return out, np.diff(cum[bounds])
+
+
+WORD_BYTES = _BYTE_CLASS == _WORD  # (256,) bool: the `space` rule's word bytes
+
+
+class PatchStream:
+    """The patch rule applied one byte at a time, for generation: after `push`ing bytes
+    0..n-1, `lengths` equals ``patch_lengths(bytes, entropies, cfg)`` of those bytes, and
+    `starts_patch` says whether byte n would start a patch, before it is known where that
+    depends only on its entropy (tested against `patch_lengths` on every prefix).
+
+    Entropies are compared exactly as the patch job compares them: rounded to float16 (the
+    stored value), against the float64 threshold; monotonic differences in float64.
+    """
+
+    def __init__(self, cfg: PatchRule):
+        if cfg.scheme in ENTROPY_SCHEMES and cfg.threshold is None:
+            raise ValueError(f"scheme {cfg.scheme!r} needs a threshold (set it, or calibrate one)")
+        self.cfg = cfg
+        self.lengths: list[int] = []  # patch lengths of the bytes pushed so far
+        self.num_bytes = 0
+        self._rule_start = 0  # the last byte the rule itself (before max_patch_length) started
+        self._prev_entropy: float | None = None
+        self._prev_byte: int | None = None
+
+    def _rule_starts(self, entropy: float | None, byte: int | None) -> bool:
+        n, cfg = self.num_bytes, self.cfg
+        if n == 0 or cfg.scheme == "byte":
+            return True
+        if cfg.scheme == "static":
+            return n % cfg.patch_size == 0
+        if cfg.scheme == "space":
+            if byte is None:
+                raise ValueError("the space rule needs the byte")
+            return bool(_BYTE_CLASS[self._prev_byte] == _DELIMITER and _BYTE_CLASS[byte] == _WORD)
+        if entropy is None:
+            raise ValueError(f"scheme {cfg.scheme!r} needs the byte's entropy")
+        e = float(np.float16(entropy))
+        if cfg.scheme == "entropy":
+            return e > cfg.threshold
+        return e - self._prev_entropy > cfg.threshold
+
+    def starts_patch(self, entropy: float | None = None, byte: int | None = None) -> bool:
+        """Whether byte `num_bytes` starts a patch; entropy: its entropy (entropy schemes),
+        byte: its value (`space` only)."""
+        if self._rule_starts(entropy, byte):
+            return True
+        m = self.cfg.max_patch_length
+        return m is not None and (self.num_bytes - self._rule_start) % m == 0
+
+    def push(self, byte: int, entropy: float | None = None) -> bool:
+        """Append byte `num_bytes`; returns whether it started a patch."""
+        rule = self._rule_starts(entropy, byte)
+        m = self.cfg.max_patch_length
+        start = rule or (m is not None and (self.num_bytes - self._rule_start) % m == 0)
+        if rule:
+            self._rule_start = self.num_bytes
+        if start:
+            self.lengths.append(1)
+        else:
+            self.lengths[-1] += 1
+        self.num_bytes += 1
+        self._prev_byte = byte
+        self._prev_entropy = float(np.float16(entropy)) if entropy is not None else None
+        return start

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tqdm import tqdm
 
 from blt_data import __version__
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 FORMAT_VERSION = 1
@@ -60,38 +60,6 @@ class PartInfo(BaseModel):
         if not path or path.startswith("/") or "\\" in path or ".." in path.split("/") or "://" in path:
             raise ValueError(f"part path {path!r} is not a relative path inside the dataset")
         return path
-
-
-class DatasetStats(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    documents: int = 0
-    bytes: int = Field(0, description="UTF-8 bytes of document text")
-    quarantined: int = 0
-    blank_lines: int = 0
-    duplicate_ids: int = 0
-    duplicate_id_examples: list[str] = Field(default_factory=list)
-    damaged_files: list[dict[str, Any]] = Field(default_factory=list)
-    skipped_files: list[str] = Field(default_factory=list)
-    splits: dict[str, int] = Field(default_factory=dict, description="documents per split")
-    # Patches datasets (filled by the patch job).
-    patches: int | None = None
-    mean_patch_length: float | None = None
-    patch_length_histogram: list[int] | None = None
-    entropy_quantiles: dict[str, float] | None = None
-
-    def __add__(self, other: "DatasetStats") -> "DatasetStats":
-        """Merge the statistics of two disjoint pieces (units, parts) of one dataset.
-
-        Counts and lists add; per-split counts add key by key. Patch statistics are merged by
-        the patch job, which owns their meaning (histograms add, means do not).
-        """
-        merged = {
-            k: getattr(self, k) + getattr(other, k)
-            for k in ("documents", "bytes", "quarantined", "blank_lines", "duplicate_ids",
-                      "duplicate_id_examples", "damaged_files", "skipped_files")
-        }
-        merged["splits"] = {k: self.splits.get(k, 0) + other.splits.get(k, 0) for k in {**self.splits, **other.splits}}
-        return DatasetStats(**merged)
 
 
 class Manifest(BaseModel):
@@ -217,6 +185,16 @@ class Registry:
             raise RegistryError(f"{manifest.ref} is a {manifest.kind} dataset, expected {' or '.join(kinds)}")
         return manifest
 
+    def resolve_any(self, ref: str) -> Manifest:
+        """A dataset reference, or failing that a model reference (the dataset's error if neither)."""
+        try:
+            return self.resolve(ref)
+        except RegistryError as first:
+            try:
+                return self.resolve(ref, area="models")
+            except RegistryError:
+                raise first from None
+
     def find_job(self, name: str, job_id: str, area: str = "datasets") -> Manifest | None:
         """The committed version made by this exact job, if any (a rerun then reuses it)."""
         for v in reversed(self.versions(name, area)):
@@ -258,38 +236,6 @@ class Registry:
 
     def part_path(self, manifest: Manifest, part: PartInfo) -> str:
         return f"{self.dataset_dir(manifest.name, area_of(manifest.kind))}/{part.path}"
-
-    def verify(self, manifest: Manifest, progress: bool = False) -> list[str]:
-        """Re-hash every part and recount its rows; returns the problems found (empty = good)."""
-        from blt_data.documents import count_rows  # documents builds on this module
-
-        problems = []
-        parts = manifest.parts + manifest.quarantine
-        for part in tqdm(parts, desc=f"verify {manifest.ref}", unit="part", disable=not progress):
-            rel = self.part_path(manifest, part)
-            try:
-                sha, size = self.store.sha256(rel)
-            except FileNotFoundError:
-                problems.append(f"{part.path}: missing")
-                continue
-            if size != part.bytes:
-                problems.append(f"{part.path}: size {size} != manifest {part.bytes}")
-            if sha != part.sha256:
-                problems.append(f"{part.path}: sha256 {sha[:12]}… != manifest {part.sha256[:12]}…")
-                continue
-            if manifest.kind not in ("documents", "patches"):
-                continue  # model files have no rows to count
-            rows = count_rows(self.store, rel)
-            if rows != part.rows:
-                problems.append(f"{part.path}: {rows} rows != manifest {part.rows}")
-        total = sum(p.rows for p in manifest.parts)
-        if manifest.kind in ("documents", "patches") and total != manifest.stats.documents:
-            problems.append(f"parts hold {total} rows but stats say {manifest.stats.documents} documents")
-        if manifest.kind == "patches" and not problems:
-            from blt_data.patches import verify_patches  # patches builds on this module
-
-            problems += verify_patches(self, manifest)
-        return problems
 
 
 def job_hash(payload: dict[str, Any]) -> str:

@@ -16,21 +16,19 @@ TODO(repatch-parallel): parts are independent; a process pool would use every co
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.calibrate import Calibration, calibrate_threshold
-from blt_data.patch_units import UnitRecord, UnitSpec, load_records, record_path
-from blt_data.patches import (
-    UnitStats, arrow_schema_summary, build_table, has_entropies, part_name, read_part, write_part,
-)
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.calibrate import calibrated
+from blt_data.jobs import output_fields
+from blt_data.patch_units import UnitRecord, UnitSpec, commit_patches, load_records, record_path
+from blt_data.patches import build_table, has_entropies, has_eos_entropy, part_name, read_part, write_part
+from blt_data.patching import ENTROPY_SCHEMES, PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry, check_name, job_hash
+from blt_data.stats import DatasetStats
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +42,14 @@ class RepatchConfig(BaseModel):
 
     patches: str = Field(description="parent patches dataset: NAME or NAME@vN")
     name: str = Field(description="name of the patches dataset to create")
-    scheme: Literal["entropy", "monotonic"] = "entropy"
-    threshold: float | None = Field(None, allow_inf_nan=False, description="nats")
-    target_patch_size: float | None = Field(None, gt=0, description="bytes per patch: calibrate the threshold")
-    max_patch_length: int | None = Field(None, ge=1)
-    calibration_bytes: int = Field(10**6, ge=1024, description="sample size for target_patch_size")
+    rule: PatchRule = Field(default_factory=PatchRule, description="an entropy scheme, with a threshold or a target patch size")
 
     @model_validator(mode="after")
     def _one_rule(self) -> "RepatchConfig":
         check_name(self.name)
-        if (self.threshold is None) == (self.target_patch_size is None):
-            raise ValueError("repatch needs exactly one of threshold and target_patch_size")
+        if self.rule.scheme not in ENTROPY_SCHEMES:
+            raise ValueError(f"repatch applies an entropy scheme ({' or '.join(ENTROPY_SCHEMES)}), not {self.rule.scheme!r}")
+        self.rule.require_threshold_or_target()
         return self
 
 
@@ -87,73 +82,45 @@ def repatch(registry: Registry, cfg: RepatchConfig, progress: bool = False) -> M
             f"{parent.ref} has no stored entropies (patched with --no-entropies or without a model); "
             "repatch needs them: run blt-data patch again with entropies on"
         )
-    job_id = job_hash({"step": "repatch", "input": parent.id, **cfg.model_dump(exclude={"patches", "name"})})
+    # patch_size is left out: entropy schemes never use it (and job ids stay what they were).
+    job_id = job_hash({"step": "repatch", "input": parent.id, **output_fields(cfg.rule, exclude={"patch_size"})})
     existing = registry.find_job(cfg.name, job_id)
     if existing is not None:
         return existing
     spec = UnitSpec(
         input_dir=registry.dataset_dir(parent.name), output_dir=registry.dataset_dir(cfg.name), name=cfg.name,
-        job_id=job_id, patch=PatchConfig(scheme=cfg.scheme, threshold=cfg.threshold, max_patch_length=cfg.max_patch_length),
-        keep_entropies=True,
+        job_id=job_id, patch=cfg.rule, keep_entropies=True, keep_eos_entropy=has_eos_entropy(parent),
     )
-    calibration = None
-    if cfg.target_patch_size is not None:
-        calibration = _calibration(registry, parent, cfg, spec)
-        spec.patch = spec.patch.model_copy(update={"threshold": calibration.threshold})
+    rule, calibration = calibrated(
+        registry.store, spec.job_dir, cfg.rule, lambda: _sample_entropies(registry, parent, cfg.rule.calibration_bytes)
+    )
+    spec.patch = rule
     records = load_records(registry.store, spec)
     todo = [(i, p) for i, p in enumerate(parent.parts) if i not in records]
     with tqdm(total=len(parent.parts), initial=len(parent.parts) - len(todo), unit="part", desc=f"repatch {cfg.name}", disable=not progress) as bar:
         for index, part in todo:
             records[index] = _repatch_part(registry, parent, index, part, spec)
             bar.update()
-    return _commit(registry, parent, cfg, spec, [records[i] for i in range(len(parent.parts))], calibration)
-
-
-def _calibration(registry: Registry, parent: Manifest, cfg: RepatchConfig, spec: UnitSpec) -> Calibration:
-    rel = f"{spec.job_dir}/calibration.json"
-    if not registry.store.exists(rel):
-        sample = _sample_entropies(registry, parent, cfg.calibration_bytes)
-        calibration = calibrate_threshold(sample, cfg.target_patch_size, scheme=cfg.scheme, max_patch_length=cfg.max_patch_length)
-        registry.store.put_if_absent(rel, calibration.model_dump_json(indent=2).encode())
-    return Calibration.model_validate_json(registry.store.read_bytes(rel))
+    params = {
+        "input": parent.ref, "input_id": parent.id, "repatched_from": parent.ref,
+        "model": parent.params.get("model"), "scoring": parent.params.get("scoring"),
+    }
+    ordered = [records[i] for i in range(len(parent.parts))]
+    return commit_patches(registry, spec, ordered, cfg.rule, calibration, [parent.ref], params)
 
 
 def _repatch_part(registry: Registry, parent: Manifest, index: int, part, spec: UnitSpec) -> UnitRecord:
-    table = read_part(registry.store, registry.part_path(parent, part), ["id", "text", "entropies"])
+    eos = spec.keep_eos_entropy  # carried over: a repatch keeps everything but patch_lengths
+    table = read_part(registry.store, registry.part_path(parent, part), ["id", "text", "entropies"] + (["eos_entropy"] if eos else []))
     text = table.column("text").combine_chunks()
     entropies = table.column("entropies").combine_chunks()
     patch_lengths = patch_lengths_arrow(text, entropies, spec.patch)
-    out = build_table(table.column("id").to_pylist(), text, patch_lengths, entropies)
+    out = build_table(table.column("id").to_pylist(), text, patch_lengths, entropies,
+                      table.column("eos_entropy").combine_chunks() if eos else None)
     info = write_part(
         registry.store, f"{spec.job_dir}/{part_name(index)}", f"_jobs/{spec.job_id}/{part_name(index)}",
         out, dataset=spec.name, job_id=spec.job_id, split=part.split,
     )
-    record = UnitRecord(unit=index, part=info, stats=UnitStats.of(patch_lengths, entropies.values.to_numpy(zero_copy_only=False)))
+    record = UnitRecord(unit=index, part=info, stats=DatasetStats.of(patch_lengths, entropies.values.to_numpy(zero_copy_only=False)))
     registry.store.write_bytes(record_path(spec, index), record.model_dump_json().encode())
     return record
-
-
-def _commit(registry: Registry, parent: Manifest, cfg: RepatchConfig, spec: UnitSpec, ordered: list[UnitRecord], calibration: Calibration | None) -> Manifest:
-    stats = sum((r.stats for r in ordered), UnitStats())
-    splits = Counter()
-    for r in ordered:
-        splits[r.part.split] += r.part.rows
-    params = {
-        "input": parent.ref,
-        "input_id": parent.id,
-        "repatched_from": parent.ref,
-        "model": parent.params.get("model"),
-        "scoring": parent.params.get("scoring"),
-        "scheme": cfg.scheme,
-        "threshold": spec.patch.threshold,
-        "target_patch_size": cfg.target_patch_size,
-        "calibration": calibration.model_dump() if calibration else None,
-        "max_patch_length": cfg.max_patch_length,
-        "entropies": True,
-    }
-    manifest = Manifest(
-        name=cfg.name, kind="patches", job_id=spec.job_id, parents=[parent.ref], params=params,
-        arrow_schema=arrow_schema_summary(True), parts=[r.part for r in ordered],
-        stats=stats.dataset_stats(dict(sorted(splits.items()))),
-    )
-    return registry.commit(manifest)

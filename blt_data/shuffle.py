@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from blt_data.documents import DEFAULT_PART_BYTES, PART_EXT, PartWriter, part_name
+from blt_data.jobs import output_fields
 from blt_data.registry import Manifest, PartInfo, Registry, job_hash
 from blt_data.storage import Store
 
@@ -101,7 +102,7 @@ def shuffle_documents(
         target_part_bytes=target_part_bytes,
     )
     source = registry.resolve(ref, kind="documents")
-    job_id = job_hash({"step": "shuffle", "input": source.id, **cfg.model_dump()})
+    job_id = job_hash({"step": "shuffle", "input": source.id, **output_fields(cfg)})
     done = registry.find_job(name, job_id)
     if done is not None:
         log.info("shuffle %s → %s: reusing %s (job %s)", source.ref, name, done.ref, job_id)

@@ -132,8 +132,12 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     job_id: str | None = None,
+    collective: bool | None = None,
 ) -> dict[str, Any]:
-    """Load model (and optimizer) weights in place, on every rank; returns the train state."""
+    """Load model (and optimizer) weights in place, on every rank; returns the train state.
+    collective=False: this process reads alone, into a plain model (default: when a process
+    group exists)."""
+    no_dist = not dist.is_initialized() if collective is None else not collective
     state = read_train_state(store, folder, job_id)
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
     target: dict[str, Any] = {"model": model_sd}
@@ -141,7 +145,7 @@ def load_checkpoint(
         target["optim"] = optim_sd
     try:
         with _single_process_is_fine():
-            dcp.load(target, storage_reader=_storage(store, folder, write=False), no_dist=not dist.is_initialized())
+            dcp.load(target, storage_reader=_storage(store, folder, write=False), no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # CheckpointException (per-rank errors) is a BaseException
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise TrainingError(

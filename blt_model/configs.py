@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import reprlib
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar, get_args
 
 import fsspec
 import yaml
@@ -50,17 +50,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds: itself, or the one config of an optional or union
+    (``FaultInjection | None``); None for a plain value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = {m for arg in get_args(annotation) if (m := _section(arg)) is not None}
+    return models.pop() if len(models) == 1 else None
+
+
 def _field_names(cls: type[BaseModel], dotted: list[str]) -> None:
     """Refuse an override whose dotted key names no field (before pydantic sees it)."""
-    model: Any = cls
+    model: type[BaseModel] | None = cls
     for depth, key in enumerate(dotted):
-        fields = getattr(model, "model_fields", None)
-        if fields is None:
+        if model is None:
             raise ConfigError(f"{'.'.join(dotted)}: {'.'.join(dotted[:depth])} is not a section")
+        fields = model.model_fields
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key {'.'.join(dotted)!r} (known here: {known})")
-        model = fields[key].annotation
+        model = _section(fields[key].annotation)
 
 
 def apply_override(data: dict[str, Any], cls: type[BaseModel], override: str) -> None:

@@ -32,13 +32,20 @@ from blt_model.entropy_model import (
     EntropyModel,
     entropy_model_from_bytes,
     entropy_model_to_bytes,
-    import_official_entropy_model,
     load_entropy_model,
-    official_weights,
+    read_entropy_model_source,
 )
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "entropy-default"
+# `format` recorded in an imported model's manifest, per detected layout.
+LAYOUT_FORMATS = {
+    "meta-consolidated": "meta-blt-consolidated",
+    "meta-hub": "meta-blt-hub",
+    "hf-blt-patcher": "hf-blt-patcher",
+    "hf-blt": "hf-blt",
+    "blt-data": "blt-data",
+}
 
 
 def num_params(model: torch.nn.Module) -> int:
@@ -123,28 +130,25 @@ def load_entropy_model_ref(
     return load_registered_entropy_model(registry, ref, device)
 
 
-def _sha256_of(fs, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def import_entropy_model(registry: Registry, url: str, name: str) -> Manifest:
-    """Import Meta's released entropy model from `url` and register it; importing the same
-    checkpoint under the same name again returns the existing version."""
-    fs, weights_path = official_weights(url)
-    source_sha256 = _sha256_of(fs, weights_path)
-    job_id = job_hash({"step": "import-entropy-model", "sha256": source_sha256})
+    """Import a released entropy model from the folder `url`, in any layout
+    `read_entropy_model_source` detects (Meta's, Meta's hub, Hugging Face's patcher or BLT), and
+    register it; importing the same checkpoint under the same name again returns the existing
+    version. The release's patch threshold (HF `patching_threshold`) is recorded as `threshold`."""
+    source = read_entropy_model_source(url)
+    job_id = job_hash({"step": "import-entropy-model", "sha256": source.sha256})
     existing = registry.find_job(name, job_id, area="models")
     if existing is not None:
         return existing
-    model = import_official_entropy_model(url)
-    params = {
+    params: dict[str, Any] = {
         "source": url,
-        "source_file": posixpath.basename(weights_path),
-        "source_sha256": source_sha256,
-        "format": "meta-blt-consolidated",
+        "source_file": source.files[-1],
+        "source_files": source.files,
+        "source_sha256": source.sha256,
+        "format": LAYOUT_FORMATS[source.layout],
     }
-    return register_entropy_model(registry, model, name, job_id, parents=[], params=params)
+    if source.threshold is not None:
+        params["threshold"] = source.threshold
+    if source.patching:
+        params["patching"] = source.patching
+    return register_entropy_model(registry, source.model, name, job_id, parents=[], params=params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from blt_data.reader import Reader, ReaderConfig
-from blt_data.registry import Registry
+from blt_data.registry import Registry, RegistryError
 from blt_model.distributed import Distributed
 from blt_model.train import load_trained_blt, reader_bpb
 
@@ -16,8 +16,13 @@ def evaluate_checkpoint(
 ) -> dict:
     """One process, one pass over `split`, rows packed as in training (the trained seq_len)."""
     model, manifest = load_trained_blt(registry, model_ref)
-    trained = ReaderConfig.model_validate(manifest.params["config"]["data"])
-    data = data_ref or manifest.parents[0]
+    if "config" in manifest.params:
+        trained = ReaderConfig.model_validate(manifest.params["config"]["data"])
+        data = data_ref or manifest.parents[0]
+    elif data_ref is None:
+        raise RegistryError(f"{manifest.ref} was imported, not trained on a dataset here: name one with --data")
+    else:  # an imported checkpoint: rows of the reader's default length
+        trained, data = ReaderConfig(dataset=data_ref), data_ref
     cfg = trained.model_copy(update={"dataset": data, "split": split, "epochs": 1})
     env = Distributed(0, 1, torch.device("cpu"))
     reader = Reader(cfg, registry, 0, 1)

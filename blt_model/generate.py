@@ -1,67 +1,166 @@
-"""Sampling bytes from a trained BLT (`blt-train generate`).
+"""Sampling bytes from a trained BLT (`blt-train generate`), patching as it goes.
 
-Patches are decided on the fly, as in training: the lineage of the checkpoint names the patches
-dataset, whose parameters name the entropy model (by registry reference and sha256) and the
-patch rule. After each new byte the entropy model scores the text so far and the rule cuts it
-into patches; the BLT then predicts the next byte. The last patch may be unfinished: the local
-decoder only reads the global states of patches *before* the current one, so that is exact.
+Patches are decided on the fly by the rule the training data was patched with: the lineage of
+the checkpoint names the patches dataset, whose parameters name the entropy model (by registry
+reference) and the patch rule; an imported checkpoint records the entropy model and rule it was
+released with (`blt_registry.checkpoint_patching`). The row is the reader's: BOS as its own
+patch, then the document's patches (no EOS while generating).
 
-Simple and quadratic (every step re-scores and re-runs the whole text): for inspecting a model,
-not for serving.
+The entropy model is incremental (`EntropyStream`): the prompt is fed once, then each new byte
+alone, against a rolling key/value cache of one window, so its cost per byte does not grow with
+the text. `PatchStream` applies the rule byte by byte, equal to `patch_lengths` on the text.
+
+Which patch_lengths give the right logits. The BLT's local decoder reads, at byte position t
+(predicting token t + 1), the global states of the patches before the patch of token t + 1
+(Meta's alignment; also right for a decoder that reads only the patches before t's own). So the
+logits for byte n depend on whether byte n starts a patch, which the full text decides. To
+predict byte n after text b_0 .. b_{n-1}, the generator runs the BLT on
+
+    tokens        = [BOS, b_0 + 4, ..., b_{n-1} + 4, X]     (n + 2 tokens; X any byte)
+    patch_lengths = [1, *rule(b_0 .. b_{n-1}), +X]          X opens a patch of 1 if byte n
+                                                            starts one, else joins the last
+
+and reads the logits at position n (the second to last). By causality nothing at position n
+depends on X's value, only on where its patch starts, so these logits are exactly those the
+model computes at position n when the full text b_0 .. b_n is patched by the rule: no
+convention for the end of a row comes into it. Whether byte n starts a patch is known before
+sampling it for every rule but one: entropy rules use H(byte n | ...), the entropy model's
+prediction at b_{n-1}; static, byte and max_patch_length count bytes. Under `space` it depends
+on byte n itself when b_{n-1} is a delimiter (a word byte starts a patch, any other does not):
+then both patchings run as two rows of one batch, and byte n is drawn from the distribution
+q(b) proportional to p(b | the patching that b itself implies), i.e. each candidate byte is
+scored exactly as the model would score it in the finished text.
+
+Cost: the BLT still runs on the whole text at every step (quadratic in the text; for
+inspecting a model, not for serving). TODO(generate-kv): cache the local encoder/decoder and
+global transformer states so that only the last patch is recomputed.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
-from blt_data.entropy import BOS_ID, BYTE_OFFSET, score_document_alone
-from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, patch_lengths
+from blt_data.patching import ENTROPY_SCHEMES, WORD_BYTES, PatchRule, PatchStream
 from blt_data.registry import Registry
-from blt_model.distributed import TrainingError
-from blt_model.entropy_registry import load_entropy_model_ref
+from blt_data.tokens import BOS_ID, BYTE_OFFSET
+from blt_model.blt_registry import load_checkpoint_patcher
+from blt_model.entropy_model import EntropyModel, EntropyStream
 from blt_model.train import load_trained_blt
 
-def patching_of(registry: Registry, data_ref: str):
-    """(entropy model or None, PatchConfig) that made a patches dataset."""
-    params = registry.resolve(data_ref, kind="patches").params
-    cfg = PatchConfig(
-        scheme=params["scheme"], threshold=params.get("threshold"),
-        max_patch_length=params.get("max_patch_length"), patch_size=params.get("patch_size") or 4,
-    )
-    model = None
-    if cfg.scheme in ENTROPY_SCHEMES:
-        info = params.get("model") or {}
-        if not info.get("ref"):
-            raise TrainingError(f"{data_ref} records no entropy model; cannot patch on the fly")
-        model = load_entropy_model_ref(registry, info["ref"])
-    return model, cfg
+# Token ids whose byte is a word byte under `space` (the rows of WORD_BYTES, offset to ids).
+_WORD_IDS = np.flatnonzero(WORD_BYTES) + BYTE_OFFSET
+# The placeholder for byte n: any byte does (see the module docstring).
+_PLACEHOLDER = BYTE_OFFSET
 
 
-def row_patch_lengths(text: bytes, entropy_model, cfg: PatchConfig) -> np.ndarray:
-    """BOS as its own patch, then the document's patches (the reader's layout, without EOS)."""
-    entropies = score_document_alone(entropy_model, text) if entropy_model is not None and text else None
-    body = patch_lengths(text, entropies, cfg) if text else np.zeros(0, np.int32)
-    return np.concatenate([[1], body]).astype(np.int64)
+@dataclass
+class Generation:
+    """What `generate` made, with what it used to make it."""
+
+    text: bytes  # prompt + generated bytes
+    prompt_bytes: int
+    patch_lengths: list[int]  # the rule's patches of `text` (the BLT saw [1] + these)
+    entropies: np.ndarray | None  # float32 nats, one per byte of `text` (entropy schemes)
+    # (V,) per generated byte, if kept: the logits under the patching the chosen byte implies,
+    # i.e. those of the finished text
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+    entropy_seconds: float = 0.0  # time in the entropy model (prompt included)
+    blt_seconds: float = 0.0  # time in the BLT
+
+
+def _patch_rows(stream: PatchStream, starts: list[bool]) -> torch.Tensor:
+    """(R, P) patch lengths for [BOS, text, X]: one row per way byte n may start, right-padded."""
+    rows = []
+    for start in starts:
+        lengths = [1, *stream.lengths]
+        if start:
+            lengths.append(1)
+        else:
+            lengths[-1] += 1
+        rows.append(lengths)
+    width = max(map(len, rows))
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows])
 
 
 @torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    entropy_model: EntropyModel | None,
+    patch_cfg: PatchRule,
+    prompt: bytes,
+    max_bytes: int,
+    temperature: float = 0.8,
+    seed: int = 0,
+    keep_logits: bool = False,
+) -> Generation:
+    """Sample `max_bytes` bytes after `prompt` from `model` (a BLT: `model(tokens,
+    patch_lengths, doc_ids) -> logits`), patching as the data was. temperature 0 is greedy."""
+    uses_entropy = patch_cfg.scheme in ENTROPY_SCHEMES
+    if uses_entropy and entropy_model is None:
+        raise ValueError(f"scheme {patch_cfg.scheme!r} needs an entropy model")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    stream = PatchStream(patch_cfg)
+    text = bytearray(prompt)
+    entropies: list[float] = []
+    entropy_seconds = blt_seconds = 0.0
+    scorer = EntropyStream(entropy_model) if uses_entropy else None
+    if scorer is not None:
+        t0 = time.perf_counter()
+        # BOS and the prompt: entropies[0 .. len(prompt)], the last one for the first new byte.
+        entropies = scorer.feed([BOS_ID, *(b + BYTE_OFFSET for b in prompt)]).cpu().tolist()
+        entropy_seconds += time.perf_counter() - t0
+    for j, b in enumerate(prompt):
+        stream.push(b, entropies[j] if scorer is not None else None)
+    word_ids = torch.from_numpy(_WORD_IDS).to(device)
+    out = Generation(b"", len(prompt), [], None)
+    for _ in range(max_bytes):
+        n = len(text)
+        entropy = entropies[n] if scorer is not None else None
+        # Byte n's start under `space` depends on its class: ask for a word and a non-word byte.
+        starts = [stream.starts_patch(entropy, ord("a")), stream.starts_patch(entropy, ord(" "))]
+        starts = starts[:1] if starts[0] == starts[1] else starts
+        t0 = time.perf_counter()
+        tokens = torch.tensor([BOS_ID, *(b + BYTE_OFFSET for b in text), _PLACEHOLDER], device=device)
+        tokens = tokens.expand(len(starts), -1)
+        logits = model(tokens, _patch_rows(stream, starts).to(device), torch.zeros_like(tokens))[:, -2].float()
+        blt_seconds += time.perf_counter() - t0
+        step = logits[0].clone()
+        if len(starts) == 2:  # row 0: word bytes' patching, row 1: everything else's
+            step = logits[1].clone()
+            step[word_ids] = logits[0, word_ids]
+        step[:BYTE_OFFSET] = -float("inf")  # bytes only: stop at max_bytes, never on EOS/pad
+        if temperature == 0:
+            token = int(step.argmax())
+        else:
+            probs = torch.softmax(step / temperature, -1).cpu()
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        byte = token - BYTE_OFFSET
+        if keep_logits:  # the row of the patching the chosen byte implies
+            row = 0 if len(starts) == 1 or WORD_BYTES[byte] else 1
+            out.step_logits.append(logits[row].cpu().clone())
+        text.append(byte)
+        stream.push(byte, entropy)
+        if scorer is not None:
+            t0 = time.perf_counter()
+            entropies.append(float(scorer.feed([token])[0]))
+            entropy_seconds += time.perf_counter() - t0
+    out.text = bytes(text)
+    out.patch_lengths = list(stream.lengths)
+    out.entropies = np.asarray(entropies[: len(text)], dtype=np.float32) if scorer is not None else None
+    out.entropy_seconds, out.blt_seconds = entropy_seconds, blt_seconds
+    return out
+
+
 def generate_text(
     registry: Registry, model_ref: str, prompt: str, max_bytes: int, temperature: float = 0.8, seed: int = 0
 ) -> str:
+    """`blt-train generate`: the generated text (after the prompt) of a registered BLT."""
     model, manifest = load_trained_blt(registry, model_ref)
-    entropy_model, patch_cfg = patching_of(registry, manifest.parents[0])
-    generator = torch.Generator().manual_seed(seed)
-    text = bytearray(prompt.encode("utf-8"))
-    start = len(text)
-    for _ in range(max_bytes):
-        tokens = torch.tensor([BOS_ID, *(b + BYTE_OFFSET for b in text)])[None]
-        lengths = torch.from_numpy(row_patch_lengths(bytes(text), entropy_model, patch_cfg))[None]
-        logits = model(tokens, lengths, torch.zeros_like(tokens))[0, -1].float()
-        logits[:BYTE_OFFSET] = -float("inf")  # bytes only: stop at max_bytes, never on EOS/pad
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
-        text.append(nxt - BYTE_OFFSET)
-    return bytes(text[start:]).decode("utf-8", errors="replace")
+    entropy_model, patch_cfg = load_checkpoint_patcher(registry, manifest)  # trained or imported
+    result = generate(model, entropy_model, patch_cfg, prompt.encode("utf-8"), max_bytes, temperature, seed)
+    return result.text[result.prompt_bytes :].decode("utf-8", errors="replace")

@@ -54,7 +54,7 @@ def parallelize_blt(model: nn.Module, env: Distributed, cfg: ParallelConfig, bf1
     shard = dict(mesh=mesh, mp_policy=policy)
     for blocks, i in transformer_blocks(model):
         fully_shard(blocks[i], reshard_after_forward=cfg.reshard_after_forward, **shard)
-    fully_shard(model.hash_embeddings, reshard_after_forward=cfg.reshard_after_forward, **shard)
+    fully_shard(model.encoder_hash_tok_embedding, reshard_after_forward=cfg.reshard_after_forward, **shard)
     # The root: the rest (byte embedding, cross-attention, norms, output); kept gathered after
     # forward, since backward needs it first.
     fully_shard(model, reshard_after_forward=False, **shard)

@@ -38,8 +38,10 @@ from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from blt_data.reader import Batch, Reader, ReaderConfig, build_val_reader, empty_batch, merge_states
+from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, PartInfo, Registry, job_hash
 from blt_model.blt import BLT, BLTConfig, byte_loss, load_blt_preset
+from blt_model.blt_registry import checkpoint_config, load_blt_weights
 from blt_model.checkpoint import (
     checkpoint_files,
     checkpoint_steps,
@@ -59,36 +61,36 @@ log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "presets" / "train"
 # bf16 dense peak of the accelerators we know, for MFU; elsewhere MFU is not reported.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-# Fields that change how a run executes, not the weights it ends with: out of the job id, so
-# the same job resumes on another machine, world size or cadence.
-EXECUTION_FIELDS = {
-    "device", "max_steps_this_run", "checkpoint_every", "log_every", "eval_every", "parallel",
-    "dump_dir", "log_documents", "peak_tflops", "progress",
-}
-EXECUTION_DATA_FIELDS = {"prefetch"}
 
 
 class TrainConfig(OptimFields):
+    """Fields marked EXECUTION change how a run executes, not the weights it ends with: they stay
+    out of the job id, so the same job resumes on another machine, world size or cadence."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("blt", description="registered name of the final checkpoint (models/<name>)")
     data: ReaderConfig = Field(description="the patches dataset and how it is packed")
-    model_preset: str | None = Field(None, description="a BLT preset (debug, small, 100m) under the `model` keys")
+    # Out of the job id as well: the preset's effect is already in `model`.
+    model_preset: str | None = Field(None, description="a BLT preset (debug, small, 100m) under the `model` keys", json_schema_extra=EXECUTION)
     model: BLTConfig = Field(default_factory=BLTConfig, description="BLT shape")
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="compile, checkpointing, FSDP2")
+    init_from: str | None = Field(
+        None, description="registered blt-checkpoint NAME[@vN] to start from (its weights, a fresh optimizer)"
+    )
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="compile, checkpointing, FSDP2", json_schema_extra=EXECUTION)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = at the end only")
+    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = at the end only", json_schema_extra=EXECUTION)
     eval_batches: int = Field(20, gt=0, description="val batches per rank per validation (from the split's start)")
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at stops only")
-    log_every: int = Field(10, gt=0, description="steps between metrics lines")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at stops only", json_schema_extra=EXECUTION)
+    log_every: int = Field(10, gt=0, description="steps between metrics lines", json_schema_extra=EXECUTION)
     seed: int = Field(0, description="seeds the model initialisation")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available", json_schema_extra=EXECUTION)
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
-    dump_dir: str | None = Field(None, description="local folder for metrics.jsonl and config.yaml; default runs/<name>")
-    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process")
-    log_documents: bool = Field(False, description="write the ids of the documents each rank reads to dump_dir (audits)")
-    peak_tflops: float | None = Field(None, gt=0, description="accelerator peak for MFU; default: known GPUs only")
-    progress: bool = Field(True, description="show a progress bar on rank 0")
+    dump_dir: str | None = Field(None, description="local folder for metrics.jsonl and config.yaml; default runs/<name>", json_schema_extra=EXECUTION)
+    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process", json_schema_extra=EXECUTION)
+    log_documents: bool = Field(False, description="write the ids of the documents each rank reads to dump_dir (audits)", json_schema_extra=EXECUTION)
+    peak_tflops: float | None = Field(None, gt=0, description="accelerator peak for MFU; default: known GPUs only", json_schema_extra=EXECUTION)
+    progress: bool = Field(True, description="show a progress bar on rank 0", json_schema_extra=EXECUTION)
 
     @model_validator(mode="before")
     @classmethod
@@ -101,11 +103,6 @@ class TrainConfig(OptimFields):
                 raise ValueError(f"model_preset {data['model_preset']!r}: {e}") from None
             data = {**data, "model": {**base, **(data.get("model") or {})}}
         return data
-
-    def result_fields(self) -> dict:
-        out = self.model_dump(mode="json", exclude=EXECUTION_FIELDS | {"model_preset"})
-        out["data"] = {k: v for k, v in out["data"].items() if k not in EXECUTION_DATA_FIELDS}
-        return out
 
 
 def preset_path(name_or_path: str) -> str:
@@ -147,11 +144,33 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
 
 
+def resolve_init(registry: Registry, cfg: TrainConfig) -> Manifest | None:
+    """The checkpoint `init_from` names, checked to have the config's model shape."""
+    if cfg.init_from is None:
+        return None
+    init = registry.resolve(cfg.init_from, area="models", kind="blt-checkpoint")
+    have = checkpoint_config(init).model_dump()
+    # init_std_factor only shapes a fresh initialisation, which init_from replaces.
+    for field, want in cfg.model.model_dump().items():
+        if field != "init_std_factor" and have[field] != want:
+            raise TrainingError(
+                f"init_from {init.ref}: model.{field} is {want!r} in the config but {have[field]!r} in the "
+                f"checkpoint (set model.{field}={have[field]!r}, or a model_preset of that shape)"
+            )
+    return init
+
+
 def plan_job(registry: Registry, cfg: TrainConfig) -> tuple[Manifest, str]:
     """The patches manifest and the job id; fails early on a bad reference, kind or name."""
     data = registry.resolve(cfg.data.dataset, kind="patches")
     registry.dataset_dir(cfg.name, area="models")  # checks the name
-    return data, job_hash({"step": "blt-train", "data": data.id, "config": cfg.result_fields()})
+    # init_from enters the job id as the manifest it resolves to, not as text, and only when set,
+    # so the job ids of runs from scratch do not change.
+    payload = {"step": "blt-train", "data": data.id, "config": output_fields(cfg, exclude={"init_from"})}
+    init = resolve_init(registry, cfg)
+    if init is not None:
+        payload["init_from"] = init.id
+    return data, job_hash(payload)
 
 
 def _bf16(env: Distributed, cfg: TrainConfig) -> bool:
@@ -224,10 +243,13 @@ def _close(batches) -> None:
         close()
 
 
-def build_model(cfg: TrainConfig, env: Distributed) -> BLT:
+def build_model(cfg: TrainConfig, env: Distributed, registry: Registry | None = None, init: Manifest | None = None) -> BLT:
+    """The BLT, initialised from the seed or, with `init`, from a registered checkpoint's
+    weights (loaded into the plain model by every rank, before parallelizing)."""
     torch.manual_seed(cfg.seed)
-    model = BLT(cfg.model)
-    model.init_weights()
+    model = BLT(cfg.model)  # initialised once, by BLT.__init__ (Meta's init_weights)
+    if init is not None:
+        load_blt_weights(registry, init, model)
     model = model.to(env.device)
     return parallelize_blt(model, env, cfg.parallel, bf16=_bf16(env, cfg))
 
@@ -239,6 +261,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     latest; "none" starts over even when checkpoints exist.
     """
     data, job_id = plan_job(registry, cfg)
+    init_from = resolve_init(registry, cfg)
     run_dir = registry.job_dir(cfg.name, job_id, area="models")
     done = registry.find_job(cfg.name, job_id, area="models")
     if done is not None:
@@ -247,14 +270,20 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     store = registry.store
     dump_dir = Path(cfg.dump_dir or f"runs/{cfg.name}")
 
-    model = build_model(cfg, env)
-    optimizer = cfg.optimizer(model)
-    step, reader_state, history = 0, None, []
+    folder = None
     if resume != "none":
         folder = resume
         if folder is None:
             steps = checkpoint_steps(store, run_dir)
             folder = step_dir(run_dir, steps[-1]) if steps else None
+    # A run that resumes takes its weights from its own checkpoint, not from init_from.
+    init = init_from if folder is None else None
+    if env.is_main and init is not None:
+        log.info("%s starts from the weights of %s", cfg.name, init.ref)
+    model = build_model(cfg, env, registry, init)
+    optimizer = cfg.optimizer(model)
+    step, reader_state, history = 0, None, []
+    if resume != "none":
         if folder is not None:
             state = load_checkpoint(store, folder, model, optimizer, job_id)
             step, history = state["step"], state.get("history", [])
@@ -366,7 +395,8 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     checkpoint()
     manifest = None
     if env.is_main:
-        manifest = register_checkpoint(registry, cfg, data, job_id, step, val_bpb, history, env.world_size, model)
+        manifest = register_checkpoint(registry, cfg, data, job_id, step, val_bpb, history, env.world_size, model,
+                                       init_from)
     env.barrier()
     if manifest is None:
         manifest = registry.find_job(cfg.name, job_id, area="models")
@@ -374,7 +404,8 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
 
 
 def register_checkpoint(registry: Registry, cfg: TrainConfig, data: Manifest, job_id: str, step: int,
-                        val_bpb: float | None, history: list, world_size: int, model) -> Manifest:
+                        val_bpb: float | None, history: list, world_size: int, model,
+                        init: Manifest | None = None) -> Manifest:
     """Commit the final checkpoint as kind `blt-checkpoint`: its files are the manifest's parts."""
     store = registry.store
     model_dir = registry.dataset_dir(cfg.name, area="models")
@@ -383,7 +414,9 @@ def register_checkpoint(registry: Registry, cfg: TrainConfig, data: Manifest, jo
         sha, size = store.sha256(rel)
         parts.append(PartInfo(path=rel[len(model_dir) + 1:], rows=0, bytes=size, sha256=sha, split="checkpoint"))
     params = {
-        "config": cfg.result_fields(),
+        "format": "dcp",
+        "config": output_fields(cfg, exclude={"init_from"}),
+        "init_from": init.ref if init is not None else None,
         "data": data.id,
         "step": step,
         "val_bpb": val_bpb,
@@ -393,14 +426,15 @@ def register_checkpoint(registry: Registry, cfg: TrainConfig, data: Manifest, jo
         "model": cfg.model.model_dump(mode="json"),
         "checkpoint": f"_jobs/{job_id}/checkpoints/step-{step:08d}",
     }
-    manifest = Manifest(name=cfg.name, kind="blt-checkpoint", job_id=job_id, parents=[data.ref], params=params, parts=parts)
+    parents = [data.ref] + ([init.ref] if init is not None else [])  # the data first: generate/eval read parents[0]
+    manifest = Manifest(name=cfg.name, kind="blt-checkpoint", job_id=job_id, parents=parents, params=params, parts=parts)
     return registry.commit(manifest)
 
 
 def load_trained_blt(registry: Registry, ref: str, device: str | torch.device = "cpu") -> tuple[BLT, Manifest]:
-    """A registered `blt-checkpoint` as a plain BLT in one process (DCP reshards the save)."""
+    """A registered `blt-checkpoint`, trained here (DCP, resharded) or imported (safetensors),
+    as a plain fp32 BLT in one process."""
     manifest = registry.resolve(ref, area="models", kind="blt-checkpoint")
-    model = BLT(BLTConfig.model_validate(manifest.params["model"]))
-    folder = f"{registry.dataset_dir(manifest.name, area='models')}/{manifest.params['checkpoint']}"
-    load_checkpoint(registry.store, folder, model, None)
+    model = BLT(checkpoint_config(manifest))
+    load_blt_weights(registry, manifest, model)
     return model.to(device).eval(), manifest

@@ -41,8 +41,10 @@ from pydantic import ConfigDict, Field
 from tqdm import tqdm
 
 from blt_data.documents import iter_lines
-from blt_data.entropy import BYTE_OFFSET, document_tokens
+from blt_data.entropy import document_tokens
+from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
+from blt_data.tokens import BYTE_OFFSET
 from blt_model.configs import build_config, preset_file
 from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
@@ -55,28 +57,26 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets" / "entropy"  # package 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 IGNORE = -1  # target of pad tokens (validation rows only)
-# Fields that change how a run executes but not the weights it ends with: left out of the job id.
-EXECUTION_FIELDS = {"device", "max_steps_this_run", "checkpoint_every", "log_every", "eval_every"}
 
 
 class TrainEntropyConfig(OptimFields):
+    """Fields marked EXECUTION change how a run executes, not the weights it ends with: they stay
+    out of the job id."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: EntropyModelConfig = Field(default_factory=EntropyModelConfig, description="model shape")
     batch_rows: int = Field(8, gt=0, description="rows per step on each rank")
     row_len: int = Field(2048, ge=2, description="tokens per training row")
-    eval_every: int = Field(200, ge=0, description="steps between val evaluations; 0 = at the end only")
+    eval_every: int = Field(200, ge=0, description="steps between val evaluations; 0 = at the end only", json_schema_extra=EXECUTION)
     eval_bytes: int = Field(1_000_000, gt=0, description="val bytes per evaluation (first of the split)")
     holdout_docs: int = Field(200, gt=0, description="train docs held out as val when there is no val split")
-    checkpoint_every: int = Field(200, ge=0, description="steps between checkpoints; 0 = at stops only")
-    log_every: int = Field(10, gt=0, description="steps between progress updates")
+    checkpoint_every: int = Field(200, ge=0, description="steps between checkpoints; 0 = at stops only", json_schema_extra=EXECUTION)
+    log_every: int = Field(10, gt=0, description="steps between progress updates", json_schema_extra=EXECUTION)
     seed: int = Field(0, description="seeds the model initialisation")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available", json_schema_extra=EXECUTION)
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
-    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process")
-
-    def result_fields(self) -> dict:
-        return self.model_dump(mode="json", exclude=EXECUTION_FIELDS)
+    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process", json_schema_extra=EXECUTION)
 
 
 def preset_path(name_or_path: str) -> str:
@@ -270,7 +270,7 @@ def plan_job(registry: Registry, docs_ref: str, name: str, cfg: TrainEntropyConf
     """The documents manifest and the job id; fails early on a bad reference or kind."""
     docs = registry.resolve(docs_ref, kind="documents")
     registry.dataset_dir(name, area="models")  # checks the name
-    job_id = job_hash({"step": "train-entropy", "docs": docs.id, "config": cfg.result_fields()})
+    job_id = job_hash({"step": "train-entropy", "docs": docs.id, "config": output_fields(cfg)})
     return docs, job_id
 
 
@@ -385,7 +385,7 @@ def train_entropy(
     if env.is_main:
         checkpoint()  # a crash during registration must not lose the training
         params = {
-            "config": cfg.result_fields(),
+            "config": output_fields(cfg),
             "val_bpb": val_bpb,
             "val_source": val_source,
             "val_history": history,

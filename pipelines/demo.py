@@ -18,16 +18,12 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from blt_data.download import DownloadConfig, download
-from blt_data.inspect import write_inspect_page
+from blt_data.inspection import write_inspect_page
+from blt_data.patching import PatchRule
 from blt_data.registry import Manifest, Registry
 from blt_data.shuffle import shuffle_documents
 from blt_model.train import build_train_config, train
 from pipelines.patch_job import PatchJobConfig, run_patch_job
-
-# The shipped entropy model's threshold for a mean patch of 4.5 bytes (calibrated on stdlib val
-# documents; blt_model/assets/entropy-default/README.md).
-DEFAULT_THRESHOLD = 2.551
-
 
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -36,7 +32,7 @@ class DemoConfig(BaseModel):
     num_chunks: int = Field(10, ge=1, description="train chunks of the shuffled corpus")
     val_docs: int = Field(40, ge=1, description="documents in the val split")
     chunks: list[int] = Field([0], description="train chunks to patch (with all of val)")
-    threshold: float = Field(DEFAULT_THRESHOLD, description="entropy threshold, nats")
+    threshold: float | None = Field(None, description="entropy threshold, nats; None: the one recorded with the shipped model (2.551, a mean patch of 4.5 bytes)")
     workers: int = Field(2, ge=1, description="scoring actors")
     train_preset: str = Field("demo", description="blt-train preset (blt_model/presets/train)")
     train: list[str] = Field(default_factory=list, description="overrides for the training config, e.g. ['steps=20']")
@@ -80,7 +76,7 @@ def run_demo(registry: Registry, cfg: DemoConfig | None = None, progress: bool =
         registry, docs.ref, "stdlib-shuffled", num_chunks=cfg.num_chunks, seed=0, memory_bytes=64 * 10**6,
         val_docs=cfg.val_docs, progress=progress), text_bytes)
     patch_cfg = PatchJobConfig(
-        docs=shuffled.ref, name="stdlib-patches", model="default", threshold=cfg.threshold, chunks=cfg.chunks,
+        docs=shuffled.ref, name="stdlib-patches", model="default", rule=PatchRule(threshold=cfg.threshold), chunks=cfg.chunks,
         workers=cfg.workers,
     )
     patches = _timed(result, "patch", registry, "datasets", lambda: run_patch_job(registry, patch_cfg, progress=progress), text_bytes)

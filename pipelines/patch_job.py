@@ -10,9 +10,12 @@ every unit has a record. A rerun of the same job (same job id) skips every unit 
 so killing the driver and starting it again recomputes nothing that finished, and its result
 is the same bytes as an uninterrupted run's.
 
-The job id hashes what decides the output: the input manifest id, the model's sha256, the patch
-rule (with the *target* patch size, not the calibrated threshold), whether entropies are
-stored, the unit size and the scoring settings. The calibrated threshold is itself output: it is
+The job id hashes what decides the output: the input manifest id, the model's sha256 and the
+config's output fields (``blt_data.jobs``): the patch rule (with the *target* patch size, not the
+calibrated threshold), whether entropies are stored, the unit size, the scoring row length and
+precision. Workers, device, batch sizes and retries are execution fields, so a job started on a
+laptop can be finished on a GPU cluster (with ``dtype`` set explicitly: ``auto`` means fp32 on
+CPU and bf16 on GPU, two different outputs). The calibrated threshold is itself output: it is
 stored once in the job folder (``calibration.json``, put-if-absent) and every later run reuses it.
 
 Where it runs is configuration alone: without ``ray_address`` a local Ray on this machine's CPUs
@@ -24,10 +27,12 @@ credentials come from the workers' own environment or instance role, never from 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 import socket
+from functools import partial
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,12 +42,13 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.calibrate import Calibration, calibrate_threshold
+from blt_data.calibrate import Calibration, calibrated
+from blt_data.jobs import EXECUTION, output_fields
 from blt_data.patch_units import (
-    Unit, UnitRecord, UnitSpec, calibration_sample, load_records, patch_unit, plan_units,
+    Unit, UnitRecord, UnitSpec, calibration_sample, commit_patches, load_records, patch_unit, plan_units,
 )
-from blt_data.patches import UnitStats, arrow_schema_summary
-from blt_data.patching import ENTROPY_SCHEMES, PatchConfig, Scheme
+from blt_data.patches import FORMAT_VERSION
+from blt_data.patching import ENTROPY_SCHEMES, PatchRule
 from blt_data.registry import Manifest, Registry, check_name, job_hash
 from blt_data.shuffle import chunk_parts
 from blt_data.storage import Store
@@ -50,6 +56,8 @@ from blt_data.storage import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"  # the shipped model (blt_model.entropy_registry.DEFAULT_MODEL)
+RECORDED_RULE_FILE = "patching.json"  # beside the shipped model: the threshold it was calibrated for
+RULE_OPTIONS = "threshold (--threshold) and target_patch_size (--target-patch-size)"
 # Store settings the workers need and that are safe to pass along (no credentials).
 STORE_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "BLT_STORE")
 
@@ -68,48 +76,40 @@ class FaultInjection(BaseModel):
 
 
 class PatchJobConfig(BaseModel):
-    """Everything `blt-data patch` runs with. Fields marked (output) go into the job id."""
+    """Everything `blt-data patch` runs with. Fields marked EXECUTION stay out of the job id."""
 
     model_config = ConfigDict(extra="forbid")
 
-    docs: str = Field(description="input documents dataset: NAME or NAME@vN (output)")
+    docs: str = Field(description="input documents dataset: NAME or NAME@vN")
     name: str = Field(description="name of the patches dataset to create")
-    model: str | None = Field(None, description="entropy model: 'default' (shipped) or NAME[@vN]; entropy schemes default to 'default', other schemes score only when given (output)")
-    scheme: Scheme = Field("entropy", description="patch rule (output)")
-    threshold: float | None = Field(None, allow_inf_nan=False, description="nats, entropy schemes (output)")
-    target_patch_size: float | None = Field(None, gt=0, description="bytes per patch: calibrate the threshold on a sample instead (output)")
-    max_patch_length: int | None = Field(None, ge=1, description="cut longer patches (output)")
-    patch_size: int = Field(4, ge=1, description="bytes per patch for `static` (output)")
-    entropies: bool = Field(True, description="store the entropies column when the job scores (output)")
-    chunks: list[int] | None = Field(None, description="patch only these train chunks of a shuffled dataset (and all of val); None: everything (output)")
-    unit_bytes: int = Field(16 * 10**6, ge=1024, le=1 << 30, description="input bytes (JSON lines) per unit of work (output)")
-    calibration_bytes: int = Field(10**6, ge=1024, le=1 << 30, description="sample size for --target-patch-size (output)")
-    row_len: int | None = Field(None, ge=1, description="scoring row length in tokens; None: the model's max_seqlen (output)")
-    batch_rows: int = Field(8, ge=1, description="rows per scoring batch (output)")
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="scoring precision; auto: bf16 on GPU, fp32 on CPU (output)")
-    workers: int = Field(2, ge=1, description="scoring actors")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; > 0 scores on CUDA")
-    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per actor; fractional so a pool never starves the rest")
-    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per actor; None: max(1, cpus_per_worker)")
-    ray_address: str | None = Field(None, description="Ray cluster to join; None: a local Ray (either way, a Ray already initialised in this process is used as it is)")
-    local_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; None: this machine's")
-    retries: int = Field(3, ge=0, description="attempts after the first before the job fails")
-    fault: FaultInjection | None = Field(None, description="testing: inject a failure into one unit")
+    model: str | None = Field(None, description="entropy model: 'default' (shipped) or NAME[@vN]; entropy schemes default to 'default', other schemes score only when given")
+    rule: PatchRule = Field(default_factory=PatchRule, description="the patch rule")
+    entropies: bool = Field(True, description="store the entropies column when the job scores")
+    chunks: list[int] | None = Field(None, description="patch only these train chunks of a shuffled dataset (and all of val); None: everything")
+    unit_bytes: int = Field(16 * 10**6, ge=1024, le=1 << 30, description="input bytes (JSON lines) per unit of work")
+    row_len: int | None = Field(None, ge=1, description="scoring row length in tokens; None: the model's max_seqlen")
+    batch_rows: int = Field(8, ge=1, description="rows per scoring batch (results do not depend on it: batch invariance)", json_schema_extra=EXECUTION)
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="scoring precision; auto: bf16 on GPU, fp32 on CPU")
+    workers: int = Field(2, ge=1, description="scoring actors", json_schema_extra=EXECUTION)
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; > 0 scores on CUDA", json_schema_extra=EXECUTION)
+    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs per actor; fractional so a pool never starves the rest", json_schema_extra=EXECUTION)
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per actor; None: max(1, cpus_per_worker)", json_schema_extra=EXECUTION)
+    ray_address: str | None = Field(None, description="Ray cluster to join; None: a local Ray (either way, a Ray already initialised in this process is used as it is)", json_schema_extra=EXECUTION)
+    local_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; None: this machine's", json_schema_extra=EXECUTION)
+    retries: int = Field(3, ge=0, description="attempts after the first before the job fails", json_schema_extra=EXECUTION)
+    fault: FaultInjection | None = Field(None, description="testing: inject a failure into one unit", json_schema_extra=EXECUTION)
 
     @model_validator(mode="after")
     def _rule_is_complete(self) -> "PatchJobConfig":
         check_name(self.name)
-        if self.scheme in ENTROPY_SCHEMES:
-            if (self.threshold is None) == (self.target_patch_size is None):
-                raise ValueError(f"scheme {self.scheme!r} needs exactly one of threshold (--threshold) and target_patch_size (--target-patch-size)")
-        elif self.threshold is not None or self.target_patch_size is not None:
-            raise ValueError(f"scheme {self.scheme!r} takes no threshold or target patch size")
+        if self.rule.scheme != "entropy":  # `entropy` may take the threshold recorded with its model
+            self.rule.require_threshold_or_target(RULE_OPTIONS)
         return self
 
     @property
     def model_ref(self) -> str | None:
         """The model actually used: None when nothing needs scoring."""
-        if self.scheme in ENTROPY_SCHEMES:
+        if self.rule.scheme in ENTROPY_SCHEMES:
             return self.model or DEFAULT_MODEL
         return self.model if self.entropies else None
 
@@ -127,6 +127,29 @@ class PatchJobConfig(BaseModel):
 class ModelInfo(BaseModel):
     ref: str  # "default" or NAME@vN
     sha256: str
+
+
+def with_recorded_threshold(registry: Registry, cfg: PatchJobConfig) -> PatchJobConfig:
+    """The config as it runs: the `entropy` scheme with neither a threshold nor a target patch
+    size takes the threshold recorded with its model (the same job as giving it explicitly)."""
+    rule = cfg.rule
+    if rule.scheme != "entropy" or rule.threshold is not None or rule.target_patch_size is not None:
+        return cfg
+    model = resolve_model(registry, cfg.model_ref)
+    threshold = recorded_threshold(registry, model)
+    if threshold is None:
+        raise PatchJobError(f"scheme 'entropy' needs exactly one of {RULE_OPTIONS}: model {model.ref} records no threshold")
+    return cfg.model_copy(update={"rule": rule.model_copy(update={"threshold": threshold})})
+
+
+def recorded_threshold(registry: Registry, model: ModelInfo) -> float | None:
+    """The `entropy` scheme's threshold (nats) recorded with a model: beside the shipped one
+    (``patching.json``), in a registered one's manifest params; None when it records none."""
+    if model.ref == DEFAULT_MODEL:
+        from blt_model.entropy_registry import DEFAULT_MODEL_DIR
+
+        return json.loads((DEFAULT_MODEL_DIR / RECORDED_RULE_FILE).read_text())["threshold"]
+    return registry.resolve(model.ref, area="models").params.get("threshold")
 
 
 @dataclass
@@ -168,27 +191,27 @@ def resolve_model(registry: Registry, ref: str) -> ModelInfo:
 
 
 def _job_payload(cfg: PatchJobConfig, docs: Manifest, model: ModelInfo | None) -> dict[str, Any]:
-    """Everything that decides the output, and nothing that only decides how it is computed."""
-    return {
-        "step": "patch",
-        "input": docs.id,
-        "model_sha256": model.sha256 if model else None,
-        "scheme": cfg.scheme,
-        "threshold": cfg.threshold,
-        "target_patch_size": cfg.target_patch_size,
-        "calibration_bytes": cfg.calibration_bytes if cfg.target_patch_size is not None else None,
-        "max_patch_length": cfg.max_patch_length,
-        "patch_size": cfg.patch_size if cfg.scheme == "static" else None,
-        "entropies": bool(model) and cfg.entropies,
-        "unit_bytes": cfg.unit_bytes,
-        "scoring": {"row_len": cfg.row_len, "batch_rows": cfg.batch_rows, "device": cfg.device, "dtype": cfg.resolved_dtype} if model else None,
-        # Only when set: job ids of whole-dataset jobs stay what they were.
-        **({"chunks": sorted(set(cfg.chunks))} if cfg.chunks is not None else {}),
-    }
+    """Everything that decides the output, and nothing that only decides how it is computed
+    (the config's EXECUTION fields: workers, device, batch sizes, retries)."""
+    fields = output_fields(cfg, exclude={"docs", "model", "name"})
+    if model:  # "auto" is another precision on another device
+        fields["dtype"] = cfg.resolved_dtype
+    # The parts' format too: a job begun by code that wrote another format must not be finished
+    # with parts of this one.
+    return {"step": "patch", "input": docs.id, "model_sha256": model.sha256 if model else None, "config": fields,
+            "format": FORMAT_VERSION}
+
+
+def _scoring(cfg: PatchJobConfig, model: ModelInfo | None) -> dict[str, Any] | None:
+    """How this run scored (recorded in the manifest, not part of the job id)."""
+    if model is None:
+        return None
+    return {"row_len": cfg.row_len, "batch_rows": cfg.batch_rows, "device": cfg.device, "dtype": cfg.resolved_dtype}
 
 
 def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
     """Resolve the inputs, compute the job id and list the units; writes nothing."""
+    cfg = with_recorded_threshold(registry, cfg)
     docs = registry.resolve(cfg.docs, kind="documents")
     model = resolve_model(registry, cfg.model_ref) if cfg.model_ref else None
     job_id = job_hash(_job_payload(cfg, docs, model))
@@ -197,8 +220,9 @@ def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
         output_dir=registry.dataset_dir(cfg.name),
         name=cfg.name,
         job_id=job_id,
-        patch=PatchConfig(scheme=cfg.scheme, threshold=cfg.threshold, max_patch_length=cfg.max_patch_length, patch_size=cfg.patch_size),
+        patch=cfg.rule,
         keep_entropies=bool(model) and cfg.entropies,
+        keep_eos_entropy=bool(model) and cfg.entropies,
     )
     try:
         parts = chunk_parts(docs, cfg.chunks)
@@ -231,7 +255,7 @@ class PatchWorker:
                     raise PatchJobError(f"this worker's shipped model has sha256 {found[:12]}…, the job expects {model.sha256[:12]}…")
             self.model = load_entropy_model_ref(Registry(self.store), model.ref, device=cfg.device)
 
-    def _score(self, texts: list[str]):
+    def _score(self, texts: list[str], eos: bool = False):
         import torch
 
         from blt_data.entropy import score_entropies
@@ -239,7 +263,7 @@ class PatchWorker:
         dtype = torch.bfloat16 if self.cfg.resolved_dtype == "bf16" else torch.float32
         return score_entropies(
             self.model, texts, row_len=self.cfg.row_len, batch_rows=self.cfg.batch_rows,
-            device=self.cfg.device, dtype=dtype,
+            device=self.cfg.device, dtype=dtype, eos=eos,
         )
 
     def score(self, texts: list[str]) -> list[np.ndarray]:
@@ -247,7 +271,7 @@ class PatchWorker:
         return [e.astype(np.float16) for e in self._score(texts)]
 
     def run(self, unit: Unit, spec: UnitSpec, attempt: int) -> UnitRecord:
-        score = self._score if self.model is not None else None
+        score = partial(self._score, eos=spec.keep_eos_entropy) if self.model is not None else None
         fault = self.cfg.fault
         if fault is not None and fault.unit == unit.index and attempt < fault.attempts:
             if fault.kind == "raise":
@@ -274,8 +298,10 @@ class _Pool:
     def __init__(self, size: int, store_url: str, model: ModelInfo | None, cfg: PatchJobConfig):
         env = {k: os.environ[k] for k in STORE_ENV_VARS if os.environ.get(k)}
         worker = ray.remote(PatchWorker)
+        # SPREAD: one actor per node before two on any node, so a cluster's nodes all score
+        # and losing one node loses the fewest actors.
         self._new = lambda: worker.options(
-            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, scheduling_strategy="SPREAD",
             runtime_env={"env_vars": env} if env else None,
         ).remote(store_url, model, cfg)
         self.actors = [self._new() for _ in range(size)]
@@ -324,24 +350,16 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
 
 
-def _calibrate(registry: Registry, plan: PatchPlan, pool: _Pool) -> Calibration:
-    """The threshold for the target patch size: stored once per job, reused by every rerun."""
+def _calibration_sample(registry: Registry, plan: PatchPlan, pool: _Pool) -> list[np.ndarray]:
+    """Entropies of the calibration sample, scored by the first actor (replaced if it dies)."""
     cfg = plan.config
-    rel = f"{plan.spec.job_dir}/calibration.json"
-    if not registry.store.exists(rel):
-        texts = calibration_sample(registry.store, plan.spec.input_dir, plan.units, cfg.calibration_bytes)
-        for attempt in range(cfg.retries + 1):
-            try:
-                entropies = ray.get(pool.actors[0].score.remote(texts))
-                break
-            except ray.exceptions.RayActorError:
-                pool.replace(0)
-                if attempt == cfg.retries:
-                    raise PatchJobError("the worker scoring the calibration sample kept dying") from None
-        calibration = calibrate_threshold(entropies, cfg.target_patch_size, scheme=cfg.scheme, max_patch_length=cfg.max_patch_length)
-        registry.store.put_if_absent(rel, calibration.model_dump_json(indent=2).encode())
-    # Whoever stored it first wins: a concurrent run may have scored with other float noise.
-    return Calibration.model_validate_json(registry.store.read_bytes(rel))
+    texts = calibration_sample(registry.store, plan.spec.input_dir, plan.units, cfg.rule.calibration_bytes)
+    for attempt in range(cfg.retries + 1):
+        try:
+            return ray.get(pool.actors[0].score.remote(texts))
+        except ray.exceptions.RayActorError:
+            pool.replace(0)
+    raise PatchJobError("the worker scoring the calibration sample kept dying")
 
 
 def _run_units(plan: PatchPlan, spec: UnitSpec, todo: list[Unit], pool: _Pool, bar: tqdm, records: dict[int, UnitRecord]) -> None:
@@ -387,6 +405,7 @@ def _run_units(plan: PatchPlan, spec: UnitSpec, todo: list[Unit], pool: _Pool, b
 def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = False) -> Manifest:
     """Run (or resume, or reuse) a patch job; returns the committed manifest."""
     plan = plan_patch_job(registry, cfg)
+    cfg = plan.config
     existing = registry.find_job(cfg.name, plan.job_id)
     if existing is not None:
         log.info("%s was already made by job %s; reusing it", existing.ref, plan.job_id)
@@ -395,15 +414,14 @@ def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = Fals
     records = load_records(registry.store, spec)
     todo = [u for u in plan.units if u.index not in records]
     calibration = None
-    needs_calibration = cfg.target_patch_size is not None
+    needs_calibration = cfg.rule.target_patch_size is not None
     if todo or needs_calibration:
         store_url = registry.store.root if registry.store.is_local else registry.store.url
         started = _connect(cfg)
         pool = _Pool(max(1, min(cfg.workers, len(todo))), store_url, plan.model, cfg)
         try:
-            if needs_calibration:
-                calibration = _calibrate(registry, plan, pool)
-                spec = spec.model_copy(update={"patch": spec.patch.model_copy(update={"threshold": calibration.threshold})})
+            rule, calibration = calibrated(registry.store, spec.job_dir, cfg.rule, lambda: _calibration_sample(registry, plan, pool))
+            spec = spec.model_copy(update={"patch": rule})
             if records:
                 log.info("resuming job %s: %d of %d units done", plan.job_id, len(records), len(plan.units))
             total = sum(u.bytes for u in plan.units)
@@ -427,32 +445,15 @@ def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, records: dict[i
         if record is None or record.part.rows != unit.stop - unit.start:
             raise PatchJobError(f"unit {unit.index} has no valid completion record; rerun the job")
         ordered.append(record)
-    stats = sum((r.stats for r in ordered), UnitStats())  # in unit order: float sums are reproducible
-    splits = Counter()
-    for r in ordered:
-        splits[r.part.split] += r.part.rows
     cfg = plan.config
     params = {
         "input": plan.docs.ref,
         "input_id": plan.docs.id,
         "model": plan.model.model_dump() if plan.model else None,
-        "scheme": cfg.scheme,
-        "threshold": spec.patch.threshold,
-        "target_patch_size": cfg.target_patch_size,
-        "calibration": calibration.model_dump() if calibration else None,
-        "max_patch_length": cfg.max_patch_length,
-        "patch_size": cfg.patch_size if cfg.scheme == "static" else None,
-        "entropies": spec.keep_entropies,
         "unit_bytes": cfg.unit_bytes,
         "chunks": cfg.chunks,
         "num_units": len(plan.units),
-        "scoring": _job_payload(cfg, plan.docs, plan.model)["scoring"],
+        "scoring": _scoring(cfg, plan.model),
     }
     parents = [plan.docs.ref] + ([plan.model.ref] if plan.model else [])
-    manifest = Manifest(
-        name=cfg.name, kind="patches", job_id=plan.job_id, parents=parents, params=params,
-        arrow_schema=arrow_schema_summary(spec.keep_entropies),
-        parts=[r.part for r in ordered], stats=stats.dataset_stats(dict(sorted(splits.items()))),
-    )
-    return registry.commit(manifest)
-
+    return commit_patches(registry, spec, ordered, cfg.rule, calibration, parents, params)

@@ -212,6 +212,30 @@ def test_dockerfile_torch_and_ray_follow_pyproject_and_the_makefile():
     assert python + ".0" in SpecifierSet(PYPROJECT["project"]["requires-python"])
 
 
+def locked_versions(name: str) -> dict[str, str]:
+    text = (ROOT / "requirements" / name).read_text()
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^ \\\n]+)", text, re.M))
+
+
+def test_locks_pin_what_the_images_and_the_makefile_install():
+    """Both locks pin every package with hashes, agree on their versions, leave torch to the
+    install steps (the Makefile's CPU build, the images' CUDA build) and pin the images' Ray."""
+    base, test = locked_versions("base.lock"), locked_versions("test.lock")
+    assert base and set(base) < set(test) and all(test[k] == v for k, v in base.items())
+    assert "torch" not in test and not any(k.startswith("nvidia-") for k in test)
+    assert base["ray"] == stage_args("worker")["RAY_VERSION"]
+    for name in ("base.lock", "test.lock"):
+        text = (ROOT / "requirements" / name).read_text()
+        blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
+        assert all("--hash=sha256:" in b for b in blocks if "==" in b), f"{name}: a pin without a hash"
+    for spec in [*PYPROJECT["project"]["dependencies"], *PYPROJECT["project"]["optional-dependencies"]["test"]]:
+        req = Requirement(spec)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name != "torch":
+            assert name in test, f"pyproject's {req.name} is not in the lock: run make lock"
+            assert test[name] in req.specifier, f"the lock's {name}=={test[name]} breaks pyproject's {req}"
+
+
 def test_dockerignore_keeps_local_state_out_of_the_context():
     entries = {l.strip().rstrip("/") for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
     assert {".git", ".venv", "blt-store", "bench/results"} <= entries
@@ -516,11 +540,13 @@ def check_command(words: list[str], where: str, strict: bool):
     except CLICK_EXCEPTION as e:
         pytest.fail(f"{where}: `{' '.join(words)}`: {e.format_message()}")
     if leaf == "patch" and not ctx.params.get("config"):
+        from blt_data.patching import PatchRule
         from pipelines.patch_job import PatchJobConfig
 
         given = {k: v for k, v in ctx.params.items() if k in PatchJobConfig.model_fields and v is not None}
+        rule = {k: v for k, v in ctx.params.items() if k in PatchRule.model_fields and v is not None}
         try:
-            PatchJobConfig(**given)
+            PatchJobConfig(**given, rule=rule)
         except ValidationError as e:
             pytest.fail(f"{where}: `{' '.join(words)}`: {e.errors()[0]['msg']}")
     return ctx

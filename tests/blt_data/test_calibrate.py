@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from blt_data.calibrate import Calibration, CalibrationError, calibrate_threshold
-from blt_data.patching import PatchConfig, patch_lengths, patch_lengths_batch
+from blt_data.patching import PatchRule, patch_lengths, patch_lengths_batch
 
 
 def synthetic_sample(seed: int = 0, num_docs: int = 150) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +51,7 @@ def stdlib_sample() -> tuple[list[str], list[np.ndarray]]:
 
 def mean_patch_size(texts_or_lengths, entropies, cal: Calibration) -> float:
     """Re-patch independently (per document) with the calibrated config."""
-    cfg = cal.patch_config()
+    cfg = cal.patch_rule()
     patches = sum(patch_lengths(t if isinstance(t, str) else "x" * int(t), e, cfg).size for t, e in zip(texts_or_lengths, entropies))
     total = sum(e.size for e in entropies)
     return total / patches
@@ -67,7 +67,7 @@ def test_synthetic_targets(scheme, max_patch_length):
         assert abs(cal.mean_patch_size_reached - target) <= 0.02 * target
         assert (cal.scheme, cal.max_patch_length, cal.target) == (scheme, max_patch_length, target)
         assert (cal.sample_documents, cal.sample_bytes) == (len(byte_lengths), int(byte_lengths.sum()))
-        batch = patch_lengths_batch(byte_lengths, e, cal.patch_config())
+        batch = patch_lengths_batch(byte_lengths, e, cal.patch_rule())
         assert batch.patch_lengths.size == cal.sample_patches
         assert cal.sample_bytes / cal.sample_patches == cal.mean_patch_size_reached
         if target == 4.5:  # also the slow per-document path, once per configuration
@@ -150,4 +150,4 @@ def test_deterministic_and_layout_independent():
     c = calibrate_threshold([x.astype(np.float32) for x in per_doc], 5.0, "monotonic", 10)
     assert a == b == c
     assert Calibration.model_validate_json(a.model_dump_json()) == a
-    assert a.patch_config() == PatchConfig(scheme="monotonic", threshold=a.threshold, max_patch_length=10)
+    assert a.patch_rule() == PatchRule(scheme="monotonic", threshold=a.threshold, max_patch_length=10)

@@ -21,6 +21,7 @@ from blt_data.documents import iter_documents, iter_lines
 from blt_data.download import DownloadConfig, SourceError, download
 from blt_data.registry import Registry
 from blt_data.storage import Store
+from blt_data.verify import verify
 
 BAD_LINES = [
     b'{"id": "a", "text": "hello"}',
@@ -91,7 +92,7 @@ def test_bad_lines_are_quarantined_and_counted(tmp_path, where, request):
     assert (s.documents, s.quarantined, s.blank_lines, s.duplicate_ids) == (4, 5, 1, 1)
     assert s.documents + s.quarantined + s.blank_lines == len(BAD_LINES)
     assert s.bytes == len("hello".encode()) + len("same id again") + len("no id at all")
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
 
 def test_every_file_format_and_folder_source(tmp_path):
@@ -240,4 +241,4 @@ def test_interrupted_download_resumes_without_rewriting(tmp_path):
     fresh = download(registry_at(str(tmp_path / "fresh")), DownloadConfig(source="stdlib", name="std", part_bytes=256_000))
     assert [p.sha256 for p in resumed.parts] == [p.sha256 for p in fresh.parts]
     assert resumed.stats == fresh.stats
-    assert reg.verify(resumed) == []
+    assert verify(reg, resumed) == []

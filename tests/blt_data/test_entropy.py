@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from blt_data.entropy import (
-    BOS_ID,
-    BYTE_OFFSET,
+    HIDDEN_DOC_ID,
     document_tokens,
     pack_batches,
     score_document_alone,
     score_entropies,
 )
+from blt_data.tokens import BOS_ID, BYTE_OFFSET
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -76,12 +76,33 @@ def test_documents_span_rows(documents, model):
     assert any(p.start > 0 for p in pieces)
 
 
-def test_packed_scoring_equals_scoring_alone(documents, model):
-    scored = list(score_entropies(model, documents, row_len=ROW_LEN, batch_rows=4))
+@pytest.mark.parametrize("carry", [True, False])
+def test_packed_scoring_equals_scoring_alone(documents, model, carry):
+    scored = list(score_entropies(model, documents, row_len=ROW_LEN, batch_rows=4, carry=carry))
     assert len(scored) == len(documents)
     for doc, entropies in zip(documents, scored, strict=True):
         assert entropies.dtype == np.float32 and entropies.shape == (len(as_bytes(doc)),)
         np.testing.assert_allclose(entropies, score_document_alone(model, doc), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_end_of_document_entropy(documents, model, carry):
+    """With eos, n + 1 values: the n byte entropies unchanged, then H(next | whole document),
+    checked against the model's own logits at the last byte (an independent forward)."""
+    assert document_tokens("", eos=True).tolist() == [BOS_ID]
+    assert document_tokens(b"\x00z", eos=True).tolist() == [BOS_ID, 0 + BYTE_OFFSET, ord("z") + BYTE_OFFSET]
+    plain = list(score_entropies(model, documents, row_len=ROW_LEN, batch_rows=4, carry=carry))
+    with_eos = list(score_entropies(model, documents, row_len=ROW_LEN, batch_rows=3, carry=carry, eos=True))
+    for doc, entropies, full in zip(documents, plain, with_eos, strict=True):
+        data = as_bytes(doc)
+        assert full.shape == (len(data) + 1,)
+        np.testing.assert_allclose(full[:-1], entropies, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(full, score_document_alone(model, doc, eos=True), atol=1e-4, rtol=0)
+        if len(data) <= 3 * model.window:  # a full unpacked forward, cheap for short documents
+            tokens = torch.tensor([[BOS_ID, *(b + BYTE_OFFSET for b in data)]])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(tokens)[0, -1].float(), -1)
+            assert abs(float(-(log_probs.exp() * log_probs).sum()) - full[-1]) < 1e-4
 
 
 def test_batch_invariance(documents, model):
@@ -132,6 +153,7 @@ def test_packing_fills_rows_and_keeps_context(documents, model):
     batches = list(pack_batches(documents, context_tokens=context, row_len=ROW_LEN, batch_rows=3))
     produced = {i: np.zeros(len(as_bytes(d)), dtype=int) for i, d in enumerate(documents)}
     for k, batch in enumerate(batches):
+        assert batch.carry is None
         pads = (batch.doc_ids < 0).numpy()
         if k < len(batches) - 1:
             assert batch.tokens.shape == (3, ROW_LEN) and not pads.any()
@@ -182,7 +204,78 @@ def test_reader_errors_reach_the_caller(model):
 
 def test_row_must_exceed_context(model):
     with pytest.raises(ValueError, match="must exceed"):
-        list(score_entropies(model, ["abc"], row_len=model.context_tokens))
+        list(score_entropies(model, ["abc"], row_len=model.context_tokens, carry=False))
+
+
+def test_carried_row_must_hold_a_window(model):
+    with pytest.raises(ValueError, match="at least the model's window"):
+        list(score_entropies(model, ["abc"], row_len=model.window - 1))
+
+
+def test_paper_depth_scoring_equals_scoring_alone(documents):
+    """The paper's 14 layers at a small width: the receptive field (14 x 7 = 98 tokens) is most
+    of a row, documents are cut dozens of times, and the carried keys of every layer count."""
+    torch.manual_seed(0)
+    config = EntropyModelConfig(dim=32, n_layers=14, n_heads=2, window=8, max_seqlen=64)
+    model = EntropyModel(config).eval()
+    assert model.context_tokens == 98
+    docs = [d for d in documents if len(as_bytes(d)) > 5 * 64] + ["", "x", "tiny doc"]
+    for carry, row_len in [(True, 64), (False, 128)]:
+        scored = list(score_entropies(model, docs, row_len=row_len, batch_rows=3, carry=carry))
+        for doc, entropies in zip(docs, scored, strict=True):
+            alone = score_document_alone(model, doc)
+            np.testing.assert_allclose(entropies, alone, atol=1e-4, rtol=0)
+
+
+def test_carry_packing_continues_rows_and_wastes_nothing(documents, model):
+    """Carry mode: a cut document goes on at the start of a row of the next batch, whose
+    carried keys are the last W tokens of the row it continues; every byte is scored once,
+    nothing is re-read, and only rows whose input ran out are padded."""
+    window = model.window
+    batches = list(
+        pack_batches(
+            documents, context_tokens=model.context_tokens, row_len=ROW_LEN, batch_rows=3,
+            carry=window,
+        )
+    )
+    produced = {i: np.zeros(len(as_bytes(d)), dtype=int) for i, d in enumerate(documents)}
+    continued = 0
+    for k, batch in enumerate(batches):
+        carry = batch.carry
+        assert carry.doc_ids.shape == carry.positions.shape == (batch.tokens.shape[0], window)
+        offset = 0
+        for piece in batch.pieces:
+            n = piece.stop - piece.start
+            index = batch.output_index[offset : offset + n].numpy()
+            offset += n
+            expected = document_tokens(documents[piece.doc])
+            row, col = divmod(int(index[0]), ROW_LEN)
+            assert (batch.tokens.flatten().numpy()[index] == expected[piece.start : piece.stop]).all()
+            assert (batch.positions[row, col : col + n].numpy() == np.arange(piece.start, piece.stop)).all()
+            produced[piece.doc][piece.start : piece.stop] += 1
+            if piece.start == 0:
+                continue
+            continued += 1
+            assert col == 0 and k > 0
+            previous = batches[k - 1]
+            r = int(carry.rows[row])
+            assert (previous.tokens[r, -window:].numpy() == expected[piece.start - window : piece.start]).all()
+            seen = min(window, piece.start)
+            assert (carry.doc_ids[row, window - seen :] == batch.doc_ids[row, 0]).all()
+            assert (carry.doc_ids[row, : window - seen] == HIDDEN_DOC_ID).all()
+            assert (carry.positions[row].numpy() == np.arange(piece.start - window, piece.start)).all()
+        for row in range(batch.tokens.shape[0]):
+            if carry.rows[row] < 0:
+                assert (carry.doc_ids[row] == HIDDEN_DOC_ID).all()
+        assert offset == batch.output_index.numel()
+    assert continued > 5
+    assert all((counts == 1).all() for counts in produced.values())
+    # Nothing is re-read: every non-pad position is a scored byte.
+    assert sum(b.num_tokens - b.num_pad_tokens for b in batches) == sum(produced[i].size for i in produced)
+    # Rows are padded only once the input has run out (and empty rows are left out).
+    last_read = max(k for k, b in enumerate(batches) if b.new_docs)
+    assert all(b.num_pad_tokens == 0 for b in batches[:last_read])
+    assert all(b.num_pad_tokens < ROW_LEN * b.tokens.shape[0] for b in batches)
 
 
 @pytest.mark.gpu

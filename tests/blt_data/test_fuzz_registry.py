@@ -24,7 +24,9 @@ from blt_data.download import DownloadConfig, download
 from blt_data.reader import Reader, ReaderConfig, ReaderError
 from blt_data.registry import Registry, RegistryError
 from blt_data.storage import Store, StoreError
-from cli.blt_data import EXPECTED_ERRORS, app
+from blt_data.verify import verify
+from cli.blt_data import app
+from cli.common import EXPECTED_ERRORS
 from tests.blt_data.fuzz_inputs import json_values
 from tests.blt_data.test_reader import commit_patches
 
@@ -190,7 +192,7 @@ def test_verify_a_part_that_ends_with_an_empty_document(tmp_path):
     IndexError (numpy's reduceat past the end of the patch lengths)."""
     reg = Registry(Store.open(str(tmp_path / "store")))
     m = commit_patches(reg, splits={"train": {"a": "some text", "b": ""}, "val": {"c": ""}}, parts=1)
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
     code, out = cli("registry", "verify", "pp", "--store", reg.store.url, "-q")
     assert code == 0, out
 

@@ -13,12 +13,14 @@ import pytest
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
 from blt_data.patch_units import UnitSpec, load_records, patch_unit, plan_units, read_unit
 from blt_data.patches import (
-    ENTROPY_BINS, UnitStats, build_table, entropies_array, part_metadata, read_part, verify_patches, write_part,
+    build_table, entropies_array, part_metadata, read_part, write_part,
 )
-from blt_data.patching import PatchConfig, patch_lengths, patch_lengths_arrow
+from blt_data.patching import PatchRule, patch_lengths, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry
 from blt_data.repatch import RepatchConfig, RepatchError, repatch
+from blt_data.stats import ENTROPY_BINS, DatasetStats
 from blt_data.storage import Store
+from blt_data.verify import verify, verify_patches
 
 TEXTS = ["hello world, hello patches", "", "é😀 unicode ok", "x" * 300, "short"]
 
@@ -42,7 +44,7 @@ def docs_dataset(reg: Registry, n: int = 40, part_bytes: int = 300) -> Manifest:
 def table_of(texts, entropies=True):
     text = pa.array(texts, pa.large_string())
     ents = entropies_array([np.asarray(e).astype(np.float16) for e in fake_score(texts)]) if entropies else None
-    cfg = PatchConfig(scheme="entropy", threshold=1.0) if entropies else PatchConfig(scheme="space")
+    cfg = PatchRule(scheme="entropy", threshold=1.0) if entropies else PatchRule(scheme="space")
     pl = patch_lengths_arrow(text, ents, cfg)
     return build_table([f"id{i}" for i in range(len(texts))], text, pl, ents)
 
@@ -58,7 +60,7 @@ def test_part_round_trip_and_other_readers(store_url, tmp_path, with_entropies):
     assert back.select(table.column_names).equals(table)
     assert back.schema.field("patch_lengths").type == pa.list_(pa.int32())
     assert part_metadata(store, "x/part-000000.parquet") == {
-        "blt.format": "patches", "blt.format_version": "1", "blt.dataset": "ds", "blt.job_id": "job1"}
+        "blt.format": "patches", "blt.format_version": "2", "blt.dataset": "ds", "blt.job_id": "job1"}
     if not store.is_local:
         return
     files = [store.path("x/part-000000.parquet"), store.path("y/part-000000.parquet")]
@@ -75,16 +77,16 @@ def test_unit_stats_add_like_the_whole():
     whole = table_of(TEXTS)
 
     def stats(t):
-        return UnitStats.of(t.column("patch_lengths").combine_chunks(), t.column("entropies").combine_chunks().values.to_numpy())
+        return DatasetStats.of(t.column("patch_lengths").combine_chunks(), t.column("entropies").combine_chunks().values.to_numpy())
 
     total = stats(a) + stats(b)
     ref = stats(whole)
     assert total.model_dump(exclude={"entropy_sum"}) == ref.model_dump(exclude={"entropy_sum"})
     assert total.entropy_sum == pytest.approx(ref.entropy_sum)
     assert len(total.entropy_histogram) == ENTROPY_BINS and sum(total.entropy_histogram) == total.bytes
-    q = total.entropy_quantiles()
+    q = total.entropy_quantiles
     assert 0 <= q["q01"] <= q["q50"] <= q["q99"] <= 3.5
-    assert (UnitStats() + stats(a)).documents == 2  # an empty start adds cleanly
+    assert (DatasetStats() + stats(a)).documents == 2  # an empty start adds cleanly
 
 
 def test_units_cover_every_line_once_and_respect_the_size(local_store_url):
@@ -106,7 +108,7 @@ def test_patch_unit_writes_part_then_record_and_verify_checks_content(local_stor
     docs = docs_dataset(reg)
     units = plan_units(reg, docs, unit_bytes=400)
     spec = UnitSpec(input_dir=reg.dataset_dir("docs"), output_dir=reg.dataset_dir("out"), name="out", job_id="jj",
-                    patch=PatchConfig(scheme="entropy", threshold=1.2), keep_entropies=True)
+                    patch=PatchRule(scheme="entropy", threshold=1.2), keep_entropies=True)
     records = [patch_unit(reg.store, u, spec, fake_score) for u in units]
     assert load_records(reg.store, spec) == {r.unit: r for r in records}
     table = read_part(reg.store, f"{spec.job_dir}/part-000000.parquet")
@@ -115,13 +117,13 @@ def test_patch_unit_writes_part_then_record_and_verify_checks_content(local_stor
         assert np.array_equal(np.array(ent, np.float16), expected_e)
         assert pl == patch_lengths(text, expected_e, spec.patch).tolist()
 
-    stats = sum((r.stats for r in records), UnitStats())
+    stats = sum((r.stats for r in records), DatasetStats())
     manifest = reg.commit(Manifest(
         name="out", kind="patches", job_id="jj", parents=["docs@v1"], params={"input": "docs@v1"},
         arrow_schema={"entropies": "list<item: halffloat>"}, parts=[r.part for r in records],
-        stats=stats.dataset_stats({"train": stats.documents}),
+        stats=stats.model_copy(update={"splits": {"train": stats.documents}}),
     ))
-    assert reg.verify(manifest) == []
+    assert verify(reg, manifest) == []
 
     # A part whose patch lengths do not add up, re-hashed so only the content check can catch it.
     bad = table.set_column(2, "patch_lengths", pa.array([[1]] * table.num_rows, pa.list_(pa.int32())))
@@ -138,7 +140,7 @@ def test_repatch_refuses_what_it_cannot_use(local_store_url):
     reg = Registry(Store.open(local_store_url))
     docs_dataset(reg)
     with pytest.raises(RepatchError, match="is a documents dataset"):
-        repatch(reg, RepatchConfig(patches="docs", name="r", threshold=1.0))
+        repatch(reg, RepatchConfig(patches="docs", name="r", rule=PatchRule(threshold=1.0)))
     with pytest.raises(ValueError, match="exactly one of threshold and target_patch_size"):
         RepatchConfig(patches="docs", name="r")
-    assert json.loads(RepatchConfig(patches="p", name="r", threshold=2).model_dump_json())["scheme"] == "entropy"
+    assert json.loads(RepatchConfig(patches="p", name="r", rule=PatchRule(threshold=2)).model_dump_json())["rule"]["scheme"] == "entropy"

@@ -9,21 +9,19 @@ import pytest
 from pydantic import ValidationError
 
 from blt_data.patching import (
-    HISTOGRAM_BINS,
-    PatchConfig,
-    PatchStats,
+    PatchRule,
     patch_lengths,
     patch_lengths_arrow,
     patch_lengths_batch,
-    patch_stats,
     start_scores,
 )
+from blt_data.stats import HISTOGRAM_BINS, DatasetStats, patch_stats
 
 F16 = np.float16
 
 
 def lengths(text, entropies=None, **cfg) -> list[int]:
-    out = patch_lengths(text, None if entropies is None else np.asarray(entropies, F16), PatchConfig(**cfg))
+    out = patch_lengths(text, None if entropies is None else np.asarray(entropies, F16), PatchRule(**cfg))
     assert out.dtype == np.int32
     return out.tolist()
 
@@ -124,14 +122,14 @@ def test_static_and_byte():
 @pytest.mark.parametrize("scheme", ["entropy", "monotonic", "space", "static", "byte"])
 def test_empty_and_single_byte(scheme):
     cfg = {"threshold": 0.5} if scheme in ("entropy", "monotonic") else {}
-    empty = patch_lengths("", np.zeros(0, F16), PatchConfig(scheme=scheme, **cfg))
+    empty = patch_lengths("", np.zeros(0, F16), PatchRule(scheme=scheme, **cfg))
     assert empty.dtype == np.int32 and empty.shape == (0,)
     assert lengths("x", [3.0], scheme=scheme, **cfg) == [1]
     assert lengths(b"\xff", [0.0], scheme=scheme, max_patch_length=1, **cfg) == [1]
 
 
 def test_entropy_schemes_need_matching_entropies():
-    cfg = PatchConfig(threshold=1.0)
+    cfg = PatchRule(threshold=1.0)
     with pytest.raises(ValueError, match="one entropy per UTF-8 byte: 2 bytes"):
         patch_lengths("é", np.zeros(1, F16), cfg)  # é is 2 bytes
     with pytest.raises(ValueError, match="needs entropies"):
@@ -141,36 +139,36 @@ def test_entropy_schemes_need_matching_entropies():
     with pytest.raises(ValueError, match="NaN at byte 1"):
         patch_lengths("ab", np.array([0.0, np.nan], F16), cfg)
     with pytest.raises(ValueError, match="needs a threshold"):
-        patch_lengths("ab", np.zeros(2, F16), PatchConfig(scheme="monotonic"))
+        patch_lengths("ab", np.zeros(2, F16), PatchRule(scheme="monotonic"))
     with pytest.raises(ValueError, match="UTF-8 bytes"):
-        patch_lengths_batch([2], None, PatchConfig(scheme="space"))
+        patch_lengths_batch([2], None, PatchRule(scheme="space"))
     with pytest.raises(ValueError, match="utf8 must be 3 bytes"):
-        patch_lengths_batch([3], None, PatchConfig(scheme="space"), utf8=b"ab")
+        patch_lengths_batch([3], None, PatchRule(scheme="space"), utf8=b"ab")
     with pytest.raises(ValueError, match=">= 0"):
-        patch_lengths_batch([-1], None, PatchConfig(scheme="byte"))
+        patch_lengths_batch([-1], None, PatchRule(scheme="byte"))
 
 
 def test_config_is_strict():
     with pytest.raises(ValidationError):
-        PatchConfig(scheme="entropy", treshold=1.0)
+        PatchRule(scheme="entropy", treshold=1.0)
     with pytest.raises(ValidationError):
-        PatchConfig(scheme="bpe")
+        PatchRule(scheme="bpe")
     with pytest.raises(ValidationError):
-        PatchConfig(scheme="entropy", max_patch_length=0)
+        PatchRule(scheme="entropy", max_patch_length=0)
     with pytest.raises(ValidationError):
-        PatchConfig(scheme="static", patch_size=0)
+        PatchRule(scheme="static", patch_size=0)
     with pytest.raises(ValidationError):
-        PatchConfig(scheme="entropy", threshold=float("nan"))
+        PatchRule(scheme="entropy", threshold=float("nan"))
     with pytest.raises(ValidationError, match="only used by the entropy schemes"):
-        PatchConfig(scheme="space", threshold=1.0)
-    cfg = PatchConfig(scheme="monotonic", threshold=0.25, max_patch_length=16)
-    assert PatchConfig.model_validate_json(cfg.model_dump_json()) == cfg
+        PatchRule(scheme="space", threshold=1.0)
+    cfg = PatchRule(scheme="monotonic", threshold=0.25, max_patch_length=16)
+    assert PatchRule.model_validate_json(cfg.model_dump_json()) == cfg
 
 
 # ---- random inputs against a slow reference ------------------------------------------------------
 
 
-def reference_lengths(data: bytes, e: np.ndarray | None, cfg: PatchConfig) -> list[int]:
+def reference_lengths(data: bytes, e: np.ndarray | None, cfg: PatchRule) -> list[int]:
     """DESIGN.md §4 written as a plain loop over bytes, independent of the vectorised code."""
     n = len(data)
     if cfg.scheme == "static":
@@ -221,15 +219,15 @@ def random_documents(rng: np.random.Generator, num_docs: int) -> tuple[list[byte
 
 
 CONFIGS = [
-    PatchConfig(scheme="entropy", threshold=1.0),
-    PatchConfig(scheme="entropy", threshold=1.2, max_patch_length=3),
-    PatchConfig(scheme="monotonic", threshold=0.5),
-    PatchConfig(scheme="monotonic", threshold=-0.5, max_patch_length=2),
-    PatchConfig(scheme="space"),
-    PatchConfig(scheme="space", max_patch_length=4),
-    PatchConfig(scheme="static", patch_size=3),
-    PatchConfig(scheme="static", patch_size=5, max_patch_length=2),
-    PatchConfig(scheme="byte"),
+    PatchRule(scheme="entropy", threshold=1.0),
+    PatchRule(scheme="entropy", threshold=1.2, max_patch_length=3),
+    PatchRule(scheme="monotonic", threshold=0.5),
+    PatchRule(scheme="monotonic", threshold=-0.5, max_patch_length=2),
+    PatchRule(scheme="space"),
+    PatchRule(scheme="space", max_patch_length=4),
+    PatchRule(scheme="static", patch_size=3),
+    PatchRule(scheme="static", patch_size=5, max_patch_length=2),
+    PatchRule(scheme="byte"),
 ]
 
 
@@ -254,7 +252,7 @@ def test_monotonic_never_diffs_across_documents():
     # doc 2's byte 0 follows doc 1's last byte in the concatenation; it is a start anyway, and
     # doc 2's byte 1 compares with doc 2's byte 0 only
     e = np.array([0.0, 0.0, 5.0, 5.0], F16)
-    batch = patch_lengths_batch([2, 2], e, PatchConfig(scheme="monotonic", threshold=1.0))
+    batch = patch_lengths_batch([2, 2], e, PatchRule(scheme="monotonic", threshold=1.0))
     assert [p.tolist() for p in batch.split()] == [[2], [2]]
 
 
@@ -279,7 +277,7 @@ def test_start_scores_match_the_rule():
     for scheme in ("entropy", "monotonic"):
         scores = start_scores(e, byte_lengths, scheme)
         for theta in (-0.25, 0.5, 1.0, 1.75):
-            batch = patch_lengths_batch(byte_lengths, e, PatchConfig(scheme=scheme, threshold=theta))
+            batch = patch_lengths_batch(byte_lengths, e, PatchRule(scheme=scheme, threshold=theta))
             assert batch.patch_lengths.size == sum(n > 0 for n in byte_lengths) + int((scores > theta).sum())
 
 
@@ -309,11 +307,11 @@ def test_arrow_columns(cfg):
 def test_arrow_rejects_mismatched_entropies():
     text = pa.array(["ab", "é"])
     with pytest.raises(ValueError, match="row 1: 1 entropies for 2 bytes"):
-        patch_lengths_arrow(text, pa.array([[0.0, 1.0], [0.0]], pa.list_(pa.float16())), PatchConfig(threshold=0.5))
+        patch_lengths_arrow(text, pa.array([[0.0, 1.0], [0.0]], pa.list_(pa.float16())), PatchRule(threshold=0.5))
     with pytest.raises(ValueError, match="needs the entropies column"):
-        patch_lengths_arrow(text, None, PatchConfig(threshold=0.5))
+        patch_lengths_arrow(text, None, PatchRule(threshold=0.5))
     with pytest.raises(TypeError):
-        patch_lengths_arrow(pa.array([1, 2]), None, PatchConfig(scheme="byte"))
+        patch_lengths_arrow(pa.array([1, 2]), None, PatchRule(scheme="byte"))
 
 
 # ---- statistics ------------------------------------------------------------------------------------
@@ -328,14 +326,14 @@ def test_patch_stats_bins_and_sums():
     assert s.patch_length_histogram[63] == 1  # length 64
     assert s.patch_length_histogram[64] == 2  # longer than 64
     assert s.mean_patch_length == pytest.approx(1133 / 6)
-    assert PatchStats().mean_patch_length is None
-    assert PatchStats.model_validate_json(s.model_dump_json()) == s
+    assert DatasetStats().mean_patch_length is None
+    assert DatasetStats.model_validate_json(s.model_dump_json()) == s
 
 
 def test_patch_stats_of_units_add_up():
     rng = np.random.default_rng(3)
     docs, entropies = random_documents(rng, 200)
-    cfg = PatchConfig(threshold=1.0, max_patch_length=70)
+    cfg = PatchRule(threshold=1.0, max_patch_length=70)
     unit_stats = []
     for lo, hi in ((0, 70), (70, 71), (71, 200)):
         batch = patch_lengths_batch([len(d) for d in docs[lo:hi]], np.concatenate(entropies[lo:hi]), cfg)

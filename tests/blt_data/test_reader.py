@@ -21,17 +21,18 @@ import pytest
 import torch
 
 from blt_data.patches import (
-    UnitStats, arrow_schema_summary, build_table, entropies_array, part_name, write_part,
+    arrow_schema_summary, build_table, entropies_array, part_name, write_part,
 )
-from blt_data.patching import PatchConfig, patch_lengths_arrow
+from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.reader import (
     IGNORE_INDEX, Reader, ReaderConfig, ReaderError, build_val_reader, empty_batch, epoch_order, merge_states,
 )
 from blt_data.registry import Manifest, Registry
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 T, B, BLOCK = 64, 2, 4
-PATCH = PatchConfig(scheme="space")  # long runs without spaces make patches longer than a row
+PATCH = PatchRule(scheme="space")  # long runs without spaces make patches longer than a row
 
 
 def make_texts(n: int, seed: int, prefix: str) -> dict[str, str]:
@@ -50,9 +51,9 @@ VAL = make_texts(12, 2, "v")
 
 def commit_patches(reg: Registry, name: str = "pp", splits: dict[str, dict[str, str]] | None = None,
                    parts: int = 3, job: str = "job1") -> Manifest:
-    """A patches dataset made with the patch job's own writers (write_part, UnitStats, commit)."""
+    """A patches dataset made with the patch job's own writers (write_part, DatasetStats, commit)."""
     splits = splits if splits is not None else {"train": TRAIN, "val": VAL}
-    infos, stats, index = [], UnitStats(), 0
+    infos, stats, index = [], DatasetStats(), 0
     for split, docs in splits.items():
         ids = list(docs)
         for chunk in np.array_split(np.arange(len(ids)), parts if split == "train" else 1):
@@ -65,11 +66,11 @@ def commit_patches(reg: Registry, name: str = "pp", splits: dict[str, dict[str, 
                 reg.store, f"{reg.job_dir(name, job)}/{part_name(index)}", f"_jobs/{job}/{part_name(index)}", table,
                 dataset=name, job_id=job, split=split,
             ))
-            stats = stats + UnitStats.of(lengths, None)
+            stats = stats + DatasetStats.of(lengths, None)
             index += 1
     return reg.commit(Manifest(
         name=name, kind="patches", job_id=job, arrow_schema=arrow_schema_summary(True), parts=infos,
-        stats=stats.dataset_stats({s: len(d) for s, d in splits.items()}),
+        stats=stats.model_copy(update={"splits": {s: len(d) for s, d in splits.items()}}),
     ))
 
 
@@ -202,10 +203,12 @@ def test_packing_round_trips_bytes_patches_targets_and_segments(reg):
     for p in np.flatnonzero((flat == 1) | (flat == 2)):
         assert p in boundaries and p + 1 in boundaries
 
-    # Targets: the next token of the stream, ignored before a BOS, on pad and at the end.
+    # Targets: the next token of the stream (the BOS after an EOS too: Meta's convention),
+    # ignored on pad and at the end.
     targets = np.concatenate([b["targets"].reshape(-1).numpy() for b, _ in batches])
     expected = np.append(flat[1:], 0).astype(np.int64)
-    expected[(expected == 1) | (expected == 0) | (flat == 0)] = IGNORE_INDEX
+    expected[(expected == 0) | (flat == 0)] = IGNORE_INDEX
+    assert (expected == 1).sum() > 0 and np.all(flat[np.flatnonzero(expected == 1)] == 2)  # BOS only after EOS
     assert np.array_equal(targets, expected)
 
     # doc_ids: a new segment at each BOS along the row, and at the pad tail.

@@ -6,6 +6,7 @@ import torch
 from blt_model.blt import (
     BLT,
     BLTConfig,
+    HASH_PRIMES,
     PRESET_DIR,
     bits_per_byte,
     byte_loss,
@@ -32,9 +33,10 @@ PAD, BOS, EOS = 0, 1, 2
 def tiny_config(**overrides) -> BLTConfig:
     # window 8 < T / 2: the CPU default is the blocked LocalMask path.
     fields = dict(
-        dim_local=32, dim_global=64, n_heads_local=2, n_heads_global=4,
+        dim_local_encoder=32, dim_local_decoder=32, dim_global=64, n_heads_local_encoder=2,
+        n_heads_local_decoder=2, cross_attn_nheads=2, n_heads_global=4,
         n_layers_local_encoder=1, n_layers_global=2, n_layers_local_decoder=1,
-        window_local=8, hash_table_size=64,
+        local_attention_window_len=8, encoder_hash_byte_group_vocab=64,
     )
     return BLTConfig(**(fields | overrides))
 
@@ -179,7 +181,7 @@ def test_flex_attention_agrees_with_sdpa_on_cpu():
 @pytest.mark.gpu
 @cuda
 def test_flex_attention_equals_sdpa_on_cuda():
-    model = tiny_model(seed=5, window_local=64).cuda()
+    model = tiny_model(seed=5, local_attention_window_len=64).cuda()
     rows = [pack_row(TEXTS * 4), pack_row(TEXTS[::-1] * 4, start_mid=True)]
     batch = [t.cuda() for t in make_batch(rows)[:3]]
     with torch.no_grad():
@@ -213,34 +215,48 @@ def test_hash_ngram_ids_match_naive_and_stop_at_document_start():
     tokens = torch.tensor([[1, 10, 20, 30, 2, 1, 10, 20, 30, 2]])
     positions = segment_positions(torch.tensor([[0] * 5 + [1] * 5]))
     sizes, table = [1, 3, 4], 1000
-    got = hash_ngram_ids(tokens, positions, sizes, table)
-    for n, ids in zip(sizes, got):
+    got = hash_ngram_ids(tokens, positions, sizes, table, nb_functions=2)
+    for (f, n), ids in zip([(f, n) for f in range(2) for n in sizes], got):
         for t in range(10):
+            # Meta's hash: oldest token first times prime^i, int64 wrap-around, then mod.
             window = [tokens[0, t - j].item() if positions[0, t] >= j else 0 for j in range(n)]
-            h = sum(tok * pow(1_000_003, j, 2**31 - 1) for j, tok in enumerate(window))
-            assert ids[0, t].item() == h % (2**31 - 1) % table
+            h = sum(tok * HASH_PRIMES[f] ** i for i, tok in enumerate(reversed(window)))
+            h = (h + 2**63) % 2**64 - 2**63
+            assert ids[0, t].item() == h % table
         # The second document starts like the first: same n-grams, same rows.
         assert torch.equal(ids[0, :5], ids[0, 5:])
 
 
-def test_masks_hide_later_patches_other_documents_and_padding():
+def test_masks_follow_metas_decoder_alignment_within_documents():
     model = tiny_model()
+    k = model.config.cross_attn_k
     tokens, patch_lengths, doc_ids, _ = make_batch([pack_row(["ab cd", "xy"])], seq_len=14)
     masks = model.build_masks(patch_lengths, doc_ids, flex=False)
     ids = masks.patch_ids[0].tolist()
-    docs = doc_ids[0].tolist()
-    patch_doc = [docs[ids.index(p)] for p in range(len(set(ids)))]
-    dec = masks.decoder_cross[0, 0]  # (T, 1 + P)
-    for t in range(14):
-        assert dec[t, 0]  # the null key
-        expected = [p < ids[t] and patch_doc[p] == docs[t] for p in range(patch_lengths.shape[1])]
-        expected = [e and p < len(patch_doc) for p, e in enumerate(expected)]
-        assert dec[t, 1:].tolist() == expected
-    enc = masks.encoder_cross[0, 0]  # (P, T)
-    for p in range(len(patch_doc)):
-        assert enc[p].tolist() == [i == p for i in ids]
-    # BOS sees only the null key; the first content byte sees BOS's patch.
-    assert dec[0].sum() == 1 and dec[1, 1] and dec[1].sum() == 2
+    dec = masks.decoder_cross[0, 0]  # (T, P*K)
+    for t in range(11):  # the two documents; 11 ... 13 are padding
+        # Byte t (predicting t + 1) sees the K slots of the patch before the patch of t + 1:
+        # its own patch at a patch's last byte, else the previous one.
+        last = ids[t + 1] != ids[t]
+        seen = ids[t] if last else ids[t] - 1
+        assert dec[t].tolist() == [j // k == seen for j in range(dec.shape[1])], t
+        assert masks.decoder_keep[0, t, 0]  # every segment opens with a one-byte patch
+    enc = masks.encoder_cross[0, 0]  # (P*K, T)
+    for p in range(len(set(ids))):
+        for slot in range(k):
+            assert enc[p * k + slot].tolist() == [i == p for i in ids]
+    # BOS sees its own patch; the byte before the second document's BOS (the EOS) too.
+    assert dec[0, :k].all() and dec[0].sum() == k
+
+
+def test_a_continuation_first_patch_sees_no_patch_until_its_last_byte():
+    model = tiny_model()
+    tokens, patch_lengths, doc_ids, _ = make_batch([pack_row(["abcdefgh"], start_mid=True)])
+    first = int(patch_lengths[0, 0])
+    assert first > 1
+    masks = model.build_masks(patch_lengths, doc_ids, flex=False)
+    keep = masks.decoder_keep[0, :, 0].tolist()
+    assert keep == [False] * (first - 1) + [True] * (len(keep) - first + 1)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +285,7 @@ def test_meta_build_to_empty_init_weights_gives_sane_parameters():
     assert torch.isfinite(logits).all()
     # Exposed for parallelize_blt: the blocks and the hash tables it shards.
     assert len(model.local_encoder.layers) == 1 and len(model.global_transformer.layers) == 2
-    assert len(model.local_decoder.layers) == 1 and len(model.hash_embeddings.tables) == 6
+    assert len(model.local_decoder.layers) == 1 and len(model.encoder_hash_tok_embedding) == 6
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
@@ -282,6 +298,9 @@ def test_every_preset_loads_and_builds(name):
     assert model.flops_per_byte(4.5, 4096) > 6 * (total - global_params) / 10
     if name == "100m":
         assert 90e6 < total < 140e6 and global_params > total / 2
+    elif name.startswith("blt-"):  # the released shapes (without the 500k-row hash tables)
+        hash_params = sum(p.numel() for p in model.encoder_hash_tok_embedding.parameters())
+        assert {"blt-1b": 1.0e9, "blt-7b": 7.0e9}[name] * 0.8 < total - hash_params < 8.2e9
     else:  # small enough to run here
         model = BLT(cfg)
         logits = model(*make_batch([pack_row(TEXTS[:2])])[:3])
@@ -289,7 +308,7 @@ def test_every_preset_loads_and_builds(name):
 
 
 def test_presets_exist_and_config_is_strict():
-    assert {"debug", "small", "100m"} <= {p.stem for p in PRESET_DIR.glob("*.yaml")}
+    assert {"debug", "small", "100m", "blt-1b", "blt-7b"} <= {p.stem for p in PRESET_DIR.glob("*.yaml")}
     assert load_blt_preset("debug", ["n_layers_global=3"]).n_layers_global == 3
     with pytest.raises(ValueError, match="no BLT preset"):
         load_blt_preset("nope")

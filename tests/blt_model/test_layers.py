@@ -5,6 +5,7 @@ import torch
 
 from blt_model.layers import (
     Attention,
+    KVSlot,
     RMSNorm,
     TransformerBlock,
     apply_rope,
@@ -179,6 +180,71 @@ def test_local_blocked_attention_matches_dense_sdpa(seq_len, window):
         grads.append(grad)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+def continue_in_two(block, x, doc_ids, positions, window, first, head_dim, **options):
+    """Run `block` over rows cut after `first` tokens, the second part carrying the first
+    part's last `window` keys and values (KVSlot)."""
+    num_rows = x.shape[0]
+    slot = KVSlot(window)
+    outs = []
+    hidden = torch.full((num_rows, window), -2, device=x.device)
+    carried = (hidden, torch.zeros_like(hidden))
+    for part in (slice(0, first), slice(first, None)):
+        mask = build_attention_mask(
+            doc_ids[:, part],
+            positions[:, part],
+            window,
+            carried_doc_ids=carried[0],
+            carried_positions=carried[1],
+            **options,
+        )
+        outs.append(block(x[:, part], rope_cos_sin(positions[:, part], head_dim), mask, slot))
+        carried = (doc_ids[:, first - window : first], positions[:, first - window : first])
+    assert slot.keys.shape == (num_rows, block.attention.n_heads, window, head_dim)
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["dense", "local", "flex"])
+def test_carried_keys_continue_rows_exactly(backend):
+    """Rows cut in two, the second part taking over the first part's last W keys and values
+    (KVSlot), give the outputs of the whole rows at once, on every mask backend."""
+    torch.manual_seed(0)
+    window = 8
+    doc_ids, positions = packed_rows(2, 64, seed=7)
+    block = TransformerBlock(32, 4, 1.0, 1e-5)
+    x = torch.randn(2, 64, 32)
+    options = {"flex": backend == "flex", "local": backend == "local"}
+    with torch.no_grad():
+        mask = build_attention_mask(doc_ids, positions, window, **options)
+        whole = block(x, rope_cos_sin(positions, 8), mask)
+        cut = continue_in_two(block, x, doc_ids, positions, window, 24, 8, **options)
+    torch.testing.assert_close(cut, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_carried_keys_with_compiled_flex_on_cuda():
+    torch.manual_seed(0)
+    block = TransformerBlock(256, 4, 1.0, 1e-5).cuda()
+    doc_ids, positions = (t.cuda() for t in packed_rows(4, 1536, seed=5))
+    x = torch.randn(4, 1536, 256, device="cuda")
+    with torch.no_grad():
+        mask = build_attention_mask(doc_ids, positions, 128, flex=False)
+        whole = block(x, rope_cos_sin(positions, 64), mask)
+        cut = continue_in_two(block, x, doc_ids, positions, 128, 1024, 64, flex=True)
+    torch.testing.assert_close(cut, whole, atol=2e-4, rtol=2e-4)
+
+
+def test_local_mask_carries_at_most_a_window():
+    doc_ids, positions = packed_rows(1, 32, seed=0)
+    carried = torch.zeros(1, 9, dtype=torch.int64)
+    with pytest.raises(ValueError, match="at most the window"):
+        build_attention_mask(
+            doc_ids, positions, 8, flex=False, local=True,
+            carried_doc_ids=carried, carried_positions=carried,
+        )
 
 
 def test_cpu_default_mask_is_blocked_for_short_windows():

@@ -20,9 +20,11 @@ import pytest
 
 from blt_data.documents import iter_documents
 from blt_data.download import DownloadConfig, download
+from blt_data.patching import PatchRule
 from blt_data.registry import Registry
 from blt_data.shuffle import shuffle_documents
 from blt_data.storage import Store
+from blt_data.verify import verify
 from cli.blt_train import app
 from pipelines.patch_job import PatchJobConfig, run_patch_job
 from tests.conftest import TEST_SECRET
@@ -67,7 +69,7 @@ def data(s3_server, ray_local, tmp_path_factory):
     src.write_text("".join(json.dumps({"id": f"d{i:02d}", "text": t}) + "\n" for i, t in enumerate(texts)))
     download(reg, DownloadConfig(source=str(src), name="tiny"), progress=False)
     shuffle_documents(reg, "tiny", "tiny-sh", num_chunks=2, seed=0, memory_bytes=10**6, val_docs=4, progress=False)
-    patches = run_patch_job(reg, PatchJobConfig(docs="tiny-sh", name="tiny-patches", scheme="space", workers=1))
+    patches = run_patch_job(reg, PatchJobConfig(docs="tiny-sh", name="tiny-patches", rule=PatchRule(scheme="space"), workers=1))
     train_ids = [d["id"] for d in iter_documents(reg, reg.resolve("tiny-sh"), split="train")]
     assert patches.stats.splits == {"train": 44, "val": 4}
     return store, train_ids
@@ -97,7 +99,7 @@ def test_two_processes_train_and_resume_bit_identical(data, tmp_path):
     reg = Registry(Store.open(store))
     m = reg.resolve("split", area="models", kind="blt-checkpoint")
     assert m.parents == ["tiny-patches@v1"] and m.params["step"] == 8 and m.params["world_size"] == 2
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
 
 def test_resume_on_one_process_reads_each_document_once(data, tmp_path):
@@ -175,3 +177,87 @@ def test_compiled_blocks_train_like_eager(data, tmp_path):
     blt_train("train", *base, "name=compiled", "parallel.compile=true", f"dump_dir={tmp_path / 'compiled'}")
     losses = lambda run: [m["loss"] for m in metrics(tmp_path / run) if "loss" in m]  # noqa: E731
     assert losses("compiled") == pytest.approx(losses("eager"), abs=1e-4) and len(losses("eager")) == 2
+
+
+def write_release(folder: Path, seed: int) -> None:
+    """A BLT of the debug preset's shape in Meta's hub layout, its output layer zeroed: a model
+    that starts from it has uniform predictions, so its first loss is exactly ln(260) nats."""
+    import torch
+    from safetensors.torch import save_file
+
+    from blt_model.blt import BLT, load_blt_preset
+    from blt_model.interop import meta_args_from_config
+
+    cfg = load_blt_preset("debug")
+    torch.manual_seed(seed)
+    state = BLT(cfg).state_dict()
+    state["local_decoder.output.weight"].zero_()
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"args": meta_args_from_config(cfg)}))
+    (folder / "train_args.json").write_text(json.dumps({"data": {"patcher_args": {"patching_mode": "space"}}}))
+
+
+def test_continued_training_from_an_imported_checkpoint(data, tmp_path):
+    import math
+
+    store, _ = data
+    write_release(tmp_path / "release", seed=123)
+    assert "released@v1 (blt-checkpoint)" in blt_train("import", str(tmp_path / "release"), "--name", "released", "--store", store)
+    base = [*TRAIN, "steps=6", "warmup_steps=1", "log_every=3", "init_from=released"]
+    out = torchrun(2, store, *base, "name=cont", f"dump_dir={tmp_path / 'whole'}")
+    assert "starts from the weights of released@v1" in out and "cont@v1 (blt-checkpoint)" in out
+    whole = [m for m in metrics(tmp_path / "whole") if "loss" in m]
+    assert abs(whole[0]["loss"] - math.log(260)) < 1e-5 and whole[-1]["loss"] < whole[0]["loss"]
+
+    # Stopped at step 3 and rerun: it resumes from its own checkpoint, bit-identically.
+    args = [*base, "name=cont-split", f"dump_dir={tmp_path / 'split'}", "max_steps_this_run=3"]
+    assert "stopped at step 3/6" in torchrun(2, store, *args)
+    out = torchrun(2, store, *args)
+    assert "resumed" in out and "starts from the weights" not in out
+    split = [m for m in metrics(tmp_path / "split") if "loss" in m]
+    assert [(m["step"], m["loss"], m["grad_norm"]) for m in split] == [(m["step"], m["loss"], m["grad_norm"]) for m in whole]
+
+    reg = Registry(Store.open(store))
+    m = reg.resolve("cont", area="models", kind="blt-checkpoint")
+    assert m.parents == ["tiny-patches@v1", "released@v1"] and m.params["init_from"] == "released@v1"
+    # Its own job: the same config from scratch is another job id.
+    plain = json.loads(blt_train("train", *[a for a in base if not a.startswith("init_from")], "name=cont", "--dry-run", "--store", store))
+    with_init = json.loads(blt_train("train", *base, "name=cont", "--dry-run", "--store", store))
+    assert plain["job_id"] != with_init["job_id"] == m.job_id
+
+    # The imported checkpoint works with eval and generate (its released rule: space).
+    result = json.loads(blt_train("eval", "released", "--data", "tiny-patches", "--max-batches", "1", "--store", store, "--json"))
+    assert abs(result["bpb"] - math.log2(260)) < 1e-4
+    assert blt_train("generate", "released", "--prompt", "def ", "--max-bytes", "3", "--store", store).startswith("def ")
+
+    # A config of another shape is refused, naming the first field that differs.
+    out = blt_train("train", *base, "name=other", "model.dim_global=128", "--store", store, code=2)
+    assert "model.dim_global" in out and "128" in out and "64" in out
+    out = blt_train("train", *base, "name=other", "init_from=nothing", "--store", store, code=2)
+    assert "nothing" in out
+
+
+def test_trained_checkpoint_exports_to_transformers(data, tmp_path):
+    """A DCP checkpoint trained here, out to transformers' layout: the same logits."""
+    import torch
+
+    pytest.importorskip("transformers")
+    from transformers import BltForCausalLM
+
+    from blt_model.train import load_trained_blt
+    from tests.blt_model.test_blt_oracle import document, hf_logits, ours_logits
+
+    store, _ = data
+    blt_train("train", *TRAIN, "steps=2", "warmup_steps=1", "name=out", f"dump_dir={tmp_path}", "--store", store)
+    out = blt_train("export", "out", "--format", "hf", "--out", str(tmp_path / "hf"), "--store", store)
+    assert "model.safetensors" in out
+    hf = BltForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager", dtype=torch.float32).eval()
+    assert not hf.config.patch_in_forward  # trained on space patches: transformers has no such rule
+    for sub in ("encoder_config", "decoder_config", "global_config"):
+        getattr(hf.config, sub)._attn_implementation = "eager"
+    ours, _ = load_trained_blt(Registry(Store.open(store)), "out")
+    tokens, lengths = document(b"def main():\n    return 0\n")
+    want = hf_logits(hf, tokens, lengths)
+    got = ours_logits(ours, tokens, lengths, [0] * len(tokens), flex=False)
+    assert (got - want).abs().max() < 1e-4

@@ -17,6 +17,7 @@ from blt_data.entropy import score_entropies
 from blt_data.registry import Registry, RegistryError
 from blt_data.shuffle import shuffle_documents
 from blt_data.storage import Store
+from blt_data.verify import verify
 from blt_model.configs import ConfigError
 from blt_model.entropy_registry import load_entropy_model_ref, load_registered_entropy_model
 from blt_model.train_entropy import (
@@ -106,7 +107,7 @@ def test_train_register_load_round_trip(store_url):
     assert m.params["sha256"] == weights.sha256
     data = reg.store.read_bytes(reg.part_path(m, weights))
     assert hashlib.sha256(data).hexdigest() == weights.sha256
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
     model = load_registered_entropy_model(reg, "em@v1")
     [entropies] = list(score_entropies(model, ["hello world"]))

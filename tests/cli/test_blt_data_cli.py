@@ -101,7 +101,7 @@ def test_demo_runs_and_second_run_reuses(local_store_url, ray_local, tmp_path):
     assert second.count("reused") == 4 and "@v2" not in second
 
 
-@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["registry", "gc"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"], ["inspect"], ["submit"], ["jobs"], ["jobs", "logs"]])
+@pytest.mark.parametrize("command", [[], ["download"], ["shuffle"], ["registry"], ["registry", "verify"], ["registry", "gc"], ["demo"], ["train-entropy"], ["import-entropy-model"], ["patch"], ["repatch"], ["inspect"], ["export"], ["import-preprocessed"], ["submit"], ["jobs"], ["jobs", "logs"]])
 def test_help(command):
     out = blt(*command, "--help")
     assert "Usage" in out
@@ -118,17 +118,21 @@ def test_options_snapshot():
         if name not in ("registry", "jobs")
     }
     assert options == {
-        "download": sorted(["source", "name", "split", "text_field", "id_field", "limit", "part_size", "store", "quiet", "as_json"]),
-        "shuffle": sorted(["ref", "name", "chunks", "seed", "memory", "val_docs", "store", "quiet", "as_json"]),
-        "demo": sorted(["overrides", "store", "quiet"]),
+        "download": sorted(["source", "name", "overrides", "split", "text_field", "id_field", "limit", "part_size", "config", "store", "quiet", "as_json"]),
+        "shuffle": sorted(["ref", "name", "overrides", "chunks", "seed", "memory", "val_docs", "config", "store", "quiet", "as_json"]),
+        "demo": sorted(["overrides", "config", "store", "quiet", "as_json"]),
         "train-entropy": sorted(["docs", "name", "overrides", "config", "dry_run", "store", "quiet", "as_json"]),
-        "import-entropy-model": sorted(["source", "name", "store", "as_json"]),
+        "import-entropy-model": sorted(["source", "name", "store", "quiet", "as_json"]),
         "patch": sorted(["docs", "name", "overrides", "model", "scheme", "threshold", "target_patch_size", "max_patch_length",
                          "entropies", "ray_address", "workers", "gpus_per_worker", "unit_size", "config", "dry_run",
                          "store", "quiet", "as_json"]),
-        "repatch": sorted(["patches", "name", "threshold", "target_patch_size", "scheme", "max_patch_length", "store", "quiet", "as_json"]),
-        "inspect": sorted(["ref", "out", "doc", "docs", "max_bytes", "store"]),
+        "repatch": sorted(["patches", "name", "overrides", "threshold", "target_patch_size", "scheme", "max_patch_length", "config", "store", "quiet", "as_json"]),
+        "inspect": sorted(["ref", "out", "doc", "docs", "max_bytes", "store", "quiet", "as_json"]),
         "submit": sorted(["command", "address", "follow", "store"]),
+        "export": sorted(["patches", "out", "format", "chunks", "split", "entropy_model_name", "accept_monotonic_difference",
+                          "store", "quiet", "as_json"]),
+        "import-preprocessed": sorted(["source", "name", "threshold", "target_patch_size", "scheme", "max_patch_length", "model",
+                                       "skip_incomplete", "store", "quiet", "as_json"]),
     }
     jobs = {name: sorted(p.name for p in cmd.params) for name, cmd in group.commands["jobs"].commands.items()}
     assert jobs == {

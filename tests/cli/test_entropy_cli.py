@@ -87,3 +87,18 @@ def test_import_entropy_model_errors(local_store_url, tmp_path):
     source = write_official(tmp_path, official_params(), state)
     out = blt("import-entropy-model", source, "--name", "meta", "--store", local_store_url, code=2)
     assert "missing key 'norm.weight'" in out
+
+
+def test_import_entropy_model_from_transformers_blt(local_store_url, tmp_path):
+    """The patcher of a (sharded) transformers BLT checkpoint, with its released threshold."""
+    from tests.blt_model.test_entropy_import import save_blt
+
+    save_blt(tmp_path / "blt", threshold=1.25)
+    out = blt("import-entropy-model", str(tmp_path / "blt"), "--name", "hf", "--store", local_store_url)
+    assert "hf@v1 (entropy-model)" in out and "released threshold 1.25 nats" in out
+    shown = json.loads(blt("registry", "show", "hf", "--json", "--store", local_store_url))
+    assert shown["params"]["format"] == "hf-blt" and shown["params"]["threshold"] == 1.25
+    # A damaged config is a clear error, not a traceback.
+    (tmp_path / "blt" / "config.json").write_text("{not json")
+    out = blt("import-entropy-model", str(tmp_path / "blt"), "--name", "hf2", "--store", local_store_url, code=2)
+    assert "error:" in out and "config.json is not valid JSON" in out and "Traceback" not in out

@@ -8,7 +8,7 @@ import pytest
 
 from blt_data.registry import Registry
 from blt_data.storage import Store
-from tests.blt_data.test_inspect import build_lineage, check_png, markers
+from tests.blt_data.test_inspection import build_lineage, check_png, markers
 from tests.cli.test_blt_data_cli import blt
 
 

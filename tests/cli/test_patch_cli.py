@@ -44,10 +44,35 @@ def test_patch_dry_run_writes_nothing(local_store_url):
     assert Registry(Store.open(local_store_url)).names() == ["std"]
 
 
+def test_patch_without_a_rule_option_uses_the_models_recorded_threshold(local_store_url):
+    docs(local_store_url)
+    out = blt("patch", "std", "--name", "p", "--unit-size", "16KB", "--dry-run", "--store", local_store_url)
+    assert "using threshold 2.551 nats, recorded with entropy model default" in out
+    plan = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]  # the note goes to stderr
+    explicit = json.loads(blt("patch", "std", "--name", "p", "--threshold", "2.551", "--unit-size", "16KB", "--dry-run",
+                              "--store", local_store_url))
+    assert plan["config"]["rule"]["threshold"] == 2.551 and plan["job_id"] == explicit["job_id"]
+
+
+def test_every_job_command_reads_a_config_file_under_its_flags(local_store_url, tmp_path):
+    config = tmp_path / "patch.yaml"
+    config.write_text("rule:\n  threshold: 3.0\nworkers: 3\nunit_bytes: 20000\n")
+    docs(local_store_url)
+    plan = json.loads(blt("patch", "std", "--name", "p", "--config", str(config), "--workers", "1", "retries=7",
+                          "--dry-run", "--store", local_store_url))
+    assert plan["config"]["rule"]["threshold"] == 3.0 and plan["config"]["unit_bytes"] == 20000
+    assert plan["config"]["workers"] == 1 and plan["config"]["retries"] == 7  # flags over the file, overrides last
+    shuffle = tmp_path / "shuffle.yaml"
+    shuffle.write_text("num_chunks: 2\nval_docs: 3\nseed: 5\n")
+    out = blt("shuffle", "std", "--name", "sh", "--config", str(shuffle), "seed=6", "--store", local_store_url, "-q", "--json")
+    m = json.loads(out)
+    assert m["stats"]["splits"] == {"train": 9, "val": 3} and len([p for p in m["parts"] if p["split"] == "train"]) == 2
+
+
 def test_patch_and_repatch_clear_errors(local_store_url, s3_server, monkeypatch, ray_local):
     store = local_store_url
     docs(store)
-    out = blt("patch", "std", "--name", "p", "--store", store, code=2)
+    out = blt("patch", "std", "--name", "p", "--scheme", "monotonic", "--store", store, code=2)
     assert "needs exactly one of threshold (--threshold) and target_patch_size" in out
     out = blt("patch", "std", "--name", "p", "--threshold", "2", "--model", "ghost", "--store", store, code=2)
     assert "error: no model named 'ghost'" in out

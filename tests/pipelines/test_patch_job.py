@@ -25,12 +25,13 @@ from blt_data.documents import iter_documents
 from blt_data.download import DownloadConfig, download
 from blt_data.entropy import score_document_alone
 from blt_data.patches import read_patches
-from blt_data.patching import PatchConfig, patch_lengths
+from blt_data.patching import PatchRule, patch_lengths
 from blt_data.registry import Registry
 from blt_data.repatch import RepatchConfig, repatch
 from blt_data.storage import Store
+from blt_data.verify import verify
 from blt_model.entropy_registry import load_default_entropy_model
-from pipelines.patch_job import FaultInjection, PatchJobConfig, PatchJobError, run_patch_job
+from pipelines.patch_job import FaultInjection, PatchJobConfig, PatchJobError, plan_patch_job, run_patch_job
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SHA256 = "bf4326e9c435f334d19c3bd80d4661c88de9f7245f4b57fd26bd1dcc1c416827"
@@ -43,7 +44,8 @@ def stdlib_docs(store_url: str) -> Registry:
 
 
 def job(**kw) -> PatchJobConfig:
-    return PatchJobConfig(**{"docs": "std", "name": "p", "unit_bytes": 16_000, "workers": 2, **kw})
+    rule = PatchRule(**{k: kw.pop(k) for k in list(kw) if k in PatchRule.model_fields})
+    return PatchJobConfig(**{"docs": "std", "name": "p", "unit_bytes": 16_000, "workers": 2, "rule": rule, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_end_to_end_layout_lineage_and_content(base):
     files = reg.store.find(job_dir)
     assert [f.rsplit("/", 1)[1] for f in files if f.endswith(".parquet")] == [f"part-{i:06d}.parquet" for i in range(6)]
     assert len([f for f in files if "/_done/unit-" in f]) == 6
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
     table = read_patches(reg, m)
     assert table.column("id").to_pylist() == [d["id"] for d in iter_documents(reg, docs)]
@@ -82,7 +84,7 @@ def test_end_to_end_layout_lineage_and_content(base):
     stored = np.array(table.column("entropies")[row].as_py(), np.float16)
     np.testing.assert_allclose(stored.astype(np.float32), score_document_alone(model, text), atol=2e-2, rtol=2e-3)
     for text, pl, ent in zip(*(table.column(c).to_pylist() for c in ("text", "patch_lengths", "entropies"))):
-        assert pl == patch_lengths(text, np.array(ent, np.float16), PatchConfig(threshold=2.5)).tolist()
+        assert pl == patch_lengths(text, np.array(ent, np.float16), PatchRule(threshold=2.5)).tolist()
 
     parts = [reg.store.path(reg.part_path(m, p)) for p in m.parts]
     assert pds.dataset(parts, format="parquet").count_rows() == 12
@@ -91,12 +93,12 @@ def test_end_to_end_layout_lineage_and_content(base):
 
 def test_repatch_equals_patching_again(base):
     reg = base.reg
-    repatched = repatch(reg, RepatchConfig(patches="p", name="r3", threshold=3.0))
+    repatched = repatch(reg, RepatchConfig(patches="p", name="r3", rule=PatchRule(threshold=3.0)))
     again = run_patch_job(reg, job(name="p3", threshold=3.0))
     assert repatched.parents == ["p@v1"] and repatched.params["model"]["sha256"] == DEFAULT_SHA256
     assert read_patches(reg, repatched).equals(read_patches(reg, again))
     assert repatched.stats == again.stats
-    assert reg.verify(repatched) == []
+    assert verify(reg, repatched) == []
 
 
 @pytest.mark.parametrize("scheme,extra", [("space", {}), ("static", {"patch_size": 6, "max_patch_length": 4}), ("byte", {})])
@@ -106,10 +108,10 @@ def test_schemes_without_a_model(base, scheme, extra):
     assert m.parents == ["std@v1"] and m.params["model"] is None and "entropies" not in m.arrow_schema
     table = read_patches(reg, m)
     assert "entropies" not in table.column_names
-    cfg = PatchConfig(scheme=scheme, **extra)
+    cfg = PatchRule(scheme=scheme, **extra)
     for text, pl in zip(table.column("text").to_pylist(), table.column("patch_lengths").to_pylist()):
         assert pl == patch_lengths(text, None, cfg).tolist()
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
 
 
 def test_worker_killed_mid_unit(base, caplog):
@@ -120,8 +122,8 @@ def test_worker_killed_mid_unit(base, caplog):
     with caplog.at_level(logging.WARNING, logger="pipelines.patch_job"):
         m = run_patch_job(reg, job(name="mono", scheme="monotonic", threshold=0.5, fault=FaultInjection(unit=1, kind="exit")))
     assert "worker of unit 1 died" in caplog.text
-    assert reg.verify(m) == []  # ids equal the input's, none doubled, every length adds up
-    expected = repatch(reg, RepatchConfig(patches="p", name="mono-ref", scheme="monotonic", threshold=0.5))
+    assert verify(reg, m) == []  # ids equal the input's, none doubled, every length adds up
+    expected = repatch(reg, RepatchConfig(patches="p", name="mono-ref", rule=PatchRule(scheme="monotonic", threshold=0.5)))
     assert read_patches(reg, m, ["id", "patch_lengths"]).equals(read_patches(reg, expected, ["id", "patch_lengths"]))
 
 
@@ -157,7 +159,32 @@ def test_driver_killed_then_rerun_recomputes_nothing_and_matches(base, ray_local
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # not recomputed
     assert m.job_id == base.patched.job_id
     assert m.parts == base.patched.parts and m.stats == base.patched.stats
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
+
+
+def test_other_execution_settings_resume_the_same_job(base):
+    """Workers, batch sizes, retries and threads are execution settings: a job planned with other
+    ones has the same id, and finishes the units another run left instead of starting over."""
+    reg = base.reg
+    first = job(name="moved", threshold=2.5, workers=1, batch_rows=8, retries=0,
+                fault=FaultInjection(unit=3, kind="raise", attempts=99))
+    later = job(name="moved", threshold=2.5, workers=2, batch_rows=3, retries=5, cpus_per_worker=0.25,
+                threads_per_worker=1)
+    assert plan_patch_job(reg, first).job_id == plan_patch_job(reg, later).job_id == base.patched.job_id
+    assert plan_patch_job(reg, job(name="moved", threshold=2.5, row_len=64)).job_id != base.patched.job_id
+    with pytest.raises(PatchJobError, match="unit 3"):
+        run_patch_job(reg, first)
+    done_dir = Path(base.store) / "datasets/moved/_jobs" / base.patched.job_id / "_done"
+    records = sorted(done_dir.glob("unit-*.json"))
+    finished = records + [done_dir.parent / f"part-{r.stem.split('-')[1]}.parquet" for r in records]
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
+    assert 1 <= len(records) < 6 and reg.versions("moved") == []
+
+    m = run_patch_job(reg, later)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # not recomputed
+    assert m.job_id == base.patched.job_id and len(m.parts) == 6
+    assert m.params["scoring"]["batch_rows"] == 3  # the run that finished it
+    assert verify(reg, m) == []
 
 
 def test_chunks_patch_a_subset_of_a_shuffled_dataset(base):
@@ -168,7 +195,7 @@ def test_chunks_patch_a_subset_of_a_shuffled_dataset(base):
     m = run_patch_job(reg, job(docs="std-sh", name="sub", scheme="static", chunks=[1]))
     by_split = {s: sum(p.rows for p in shuffled.parts_of(s) if s == "val" or "chunk-000001" in p.path) for s in ("train", "val")}
     assert m.stats.splits == by_split and m.params["chunks"] == [1]
-    assert reg.verify(m) == []
+    assert verify(reg, m) == []
     whole = run_patch_job(reg, job(docs="std-sh", name="sub", scheme="static"))
     assert whole.job_id != m.job_id and whole.stats.documents == shuffled.stats.documents
     with pytest.raises(PatchJobError, match=r"chunks \[7\] are not in std-sh@v1, which has chunks 0..2"):

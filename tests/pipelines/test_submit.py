@@ -1,22 +1,12 @@
-"""``blt-data submit`` and ``blt-data jobs`` against a real Ray head started with ``ray start --head``.
-
-The head lives in its own session and temp dir, and teardown kills exactly that session's
-processes: ``ray stop`` would kill every Ray process on the machine, including the in-process
-Ray other tests of the run share.
+"""``blt-data submit`` and ``blt-data jobs`` against a real Ray head started with ``ray start --head``
+(``tests/pipelines/ray_cluster.py``: its own session, so teardown kills exactly that head).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,111 +17,31 @@ from blt_data.storage import Store
 from pipelines.submit import SubmitError, build_job_spec, connect, runtime_env
 from tests.cli.test_blt_data_cli import blt
 from tests.conftest import TEST_SECRET
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-def die_with_parent() -> None:
-    """Linux: SIGTERM the head when the test process dies, even by SIGKILL; its reaper then
-    takes down the rest of its process group."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+from tests.pipelines.ray_cluster import RayNode, free_port, warm_up
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on loopback with its dashboard; yields its job API address."""
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Unix socket paths are capped near 107 bytes
-    dashboard = f"http://127.0.0.1:{(dashboard_port := free_port())}"
-    # The cluster's own environment keeps the (dummy) credentials but not the S3 endpoint, which
-    # must come with each job: that is what production looks like.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
-    env.update(
-        RAY_AUTH_MODE="disabled",  # token auth is on by default in Ray 2.60 (ENVIRONMENT.md)
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # bind to 127.0.0.1, not the machine's interface
-        RAY_USAGE_STATS_ENABLED="0",
-        # The cluster's `python` is this venv's: jobs find the dependencies the way a worker image does.
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
-    cmd = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-        f"--port={free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-        "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        # Every other listening port too: the defaults (52365 for the job agent, 10001 for the
-        # client server, ...) are taken by the in-process Ray the rest of the suite shares, and a
-        # job agent that cannot bind leaves the head answering "No available agent" forever.
-        *(f"--{opt}={free_port()}" for opt in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-            "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-        )),
-    ]
-    log = open(os.path.join(temp_dir, "head.log"), "w")
-    # Its own session, started from the temp dir: the head and every worker it spawns share the
-    # session id, and no `cli/` in the working folder can shadow the code a job is sent with.
-    head = subprocess.Popen(cmd, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=die_with_parent)
+    head = RayNode(head=True, num_cpus=2)
     try:
         from ray.job_submission import JobSubmissionClient
 
         deadline = time.monotonic() + 90
         while True:
-            if head.poll() is not None:
-                pytest.fail(f"ray start --head exited {head.returncode}: {Path(log.name).read_text()[-3000:]}")
+            if not head.alive():
+                pytest.fail(f"ray start --head exited {head.process.returncode}: {head.log_tail()}")
             try:
-                JobSubmissionClient(dashboard).list_jobs()
+                JobSubmissionClient(head.dashboard).list_jobs()
                 break
             except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        warm_up(JobSubmissionClient(dashboard), head, log.name)
-        yield dashboard
+        warm_up(head)
+        yield head.dashboard
     finally:
-        sid = os.getsid(head.pid) if head.poll() is None else head.pid
-        if sid != os.getsid(0):
-            for pid in session_pids(sid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        head.wait(timeout=30)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def warm_up(client, head: subprocess.Popen, log_path: str) -> None:
-    """Run one trivial job to the end. The job API answers before the head's job agent and its
-    first worker are up, and on a loaded 2-core machine that gap can outlast the submit command's
-    own wait; the tests measure our commands, not the head's start-up."""
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            job = client.submit_job(entrypoint="python -c pass")
-            break
-        except Exception as e:
-            if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Ray head accepts no job: {e}\n{Path(log_path).read_text()[-3000:]}")
-            time.sleep(1)
-    while (status := client.get_job_status(job).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        if time.monotonic() > deadline:
-            pytest.fail(f"warm-up job still {status} after 240 s")
-        time.sleep(0.5)
-    assert status == "SUCCEEDED", client.get_job_logs(job)
+        head.stop()
 
 
 def submission_ids(address: str) -> list[str]:

@@ -2,7 +2,7 @@
 
 The page is one folder, readable offline and by any browser (no network resources, no JS)::
 
-    index.html          documents, colour legend, statistics, lineage, the manifest
+    index.html          documents, colour legend, statistics, lineage (``blt_data.lineage``), the manifest
     trace-<k>.png       entropy (nats) against byte index of document k, the threshold, patch starts
     patch-lengths.png   the dataset-wide patch-length histogram from the manifest's statistics
 
@@ -31,23 +31,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from blt_data.lineage import lineage
 from blt_data.patches import check_patches, has_entropies
-from blt_data.patching import ENTROPY_SCHEMES, HISTOGRAM_MAX_LENGTH
-from blt_data.registry import Manifest, Registry, RegistryError
+from blt_data.patching import ENTROPY_SCHEMES
+from blt_data.registry import Manifest, Registry
+from blt_data.stats import HISTOGRAM_MAX_LENGTH
 
 HIGH_RGB = (214, 39, 40)  # the red at the top of the scale (matplotlib's tab:red)
-MAX_LINEAGE_DEPTH = 32
 # Control characters are invisible (or, for NUL and CR, rewritten by the HTML parser): they are
 # drawn as a grey ``\xNN`` escape instead (Unicode's control pictures need fonts few machines
 # have); newline and tab keep their layout and get a visible mark from CSS.
 _CONTROLS = frozenset(range(0x20)) - {0x09, 0x0A} | {0x7F}
-# Manifest params worth a glance in the lineage, in this order (the full manifest is on the page).
-_LINEAGE_KEYS = (
-    "step", "source", "split", "limit", "seed", "num_chunks", "val_docs", "scheme", "threshold",
-    "target_patch_size", "max_patch_length", "patch_size", "entropies", "num_params", "val_bpb",
-)
-
-
 class InspectError(ValueError):
     """The page cannot be made: not a patches dataset, an unknown document id, an unwritable folder."""
 
@@ -275,51 +269,6 @@ def write_histogram(path: Path, histogram: list[int], mean: float | None) -> Non
         title += f", mean {mean:.2f} bytes (dashed)"
     ax.set_title(title, fontsize=10)
     fig.savefig(path, format="png")
-
-
-def lineage(registry: Registry, ref: str, depth: int = 0, seen: set[str] | None = None) -> dict:
-    """``ref`` and its parents, recursively: {ref, kind, details, parents, note}."""
-    seen = set() if seen is None else seen
-    node = {"ref": ref, "kind": None, "details": [], "parents": [], "note": None}
-    if ref in seen:
-        node["note"] = "shown above"
-        return node
-    seen.add(ref)
-    manifest = None
-    for area in ("datasets", "models"):
-        try:
-            manifest = registry.resolve(ref, area=area)
-            break
-        except RegistryError:
-            continue
-    if manifest is None:
-        node["note"] = "not in this registry"
-        return node
-    node.update(ref=manifest.ref, kind=manifest.kind, details=key_params(manifest))
-    if depth >= MAX_LINEAGE_DEPTH:
-        node["note"] = "lineage cut here"
-        return node
-    node["parents"] = [lineage(registry, p, depth + 1, seen) for p in manifest.parents]
-    return node
-
-
-def key_params(manifest: Manifest) -> list[str]:
-    p = manifest.params
-    out = []
-    model = p.get("model")
-    if isinstance(model, dict) and "ref" in model:  # a patches dataset's entropy model
-        out.append(f"entropy model {model['ref']} (sha256 {str(model.get('sha256', '?'))[:12]}…)")
-    if manifest.kind in ("entropy-model", "blt-checkpoint") and p.get("sha256"):
-        out.append(f"sha256 {p['sha256'][:12]}…")
-    for key in _LINEAGE_KEYS:
-        if key == "patch_size" and p.get("scheme") != "static":
-            continue  # a PatchConfig default that only the static scheme uses
-        if p.get(key) is not None and p.get(key) != "":
-            value = p[key]
-            out.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
-    if p.get("repatched_from"):
-        out.append(f"repatched from {p['repatched_from']}")
-    return out
 
 
 def _render_lineage(node: dict) -> str:

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 from blt_data.download import DownloadConfig, download
-from blt_data.inspect import InspectError, cut_at_character, write_inspect_page
+from blt_data.inspection import InspectError, cut_at_character, write_inspect_page
 from blt_data.patch_units import UnitSpec, patch_unit, plan_units
-from blt_data.patches import UnitStats, arrow_schema_summary
-from blt_data.patching import PatchConfig
+from blt_data.patches import arrow_schema_summary
+from blt_data.patching import PatchRule
 from blt_data.registry import Manifest, Registry, RegistryError
 from blt_data.repatch import RepatchConfig, repatch
 from blt_data.shuffle import shuffle_documents
+from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 from tests.blt_data.test_patches import fake_score
 
@@ -49,9 +50,9 @@ def build_lineage(reg: Registry, tmp_path: Path) -> dict[str, Manifest]:
     shuf = shuffle_documents(reg, "docs", "shuf", num_chunks=1, seed=7, memory_bytes=1 << 20, val_docs=0)
     ent = register_entropy_model(reg, tiny_model(n_layers=1), "ent", "entjob", [shuf.ref], {"val_bpb": 7.5})
     model = {"ref": ent.ref, "sha256": ent.params["sha256"]}
-    pat = patch_dataset(reg, shuf, "pat", PatchConfig(scheme="entropy", threshold=1.0), fake_score, [shuf.ref, ent.ref], model)
-    rep = repatch(reg, RepatchConfig(patches="pat", name="rep", scheme="monotonic", threshold=0.5, max_patch_length=3))
-    nent = patch_dataset(reg, shuf, "nent", PatchConfig(scheme="space"), None, [shuf.ref], None)
+    pat = patch_dataset(reg, shuf, "pat", PatchRule(scheme="entropy", threshold=1.0), fake_score, [shuf.ref, ent.ref], model)
+    rep = repatch(reg, RepatchConfig(patches="pat", name="rep", rule=PatchRule(scheme="monotonic", threshold=0.5, max_patch_length=3)))
+    nent = patch_dataset(reg, shuf, "nent", PatchRule(scheme="space"), None, [shuf.ref], None)
     return {"docs": docs, "shuf": shuf, "ent": ent, "pat": pat, "rep": rep, "nent": nent}
 
 
@@ -60,12 +61,12 @@ def patch_dataset(reg, docs, name, patch, score, parents, model) -> Manifest:
     spec = UnitSpec(input_dir=reg.dataset_dir(docs.name), output_dir=reg.dataset_dir(name), name=name,
                     job_id=f"{name}-job", patch=patch, keep_entropies=score is not None)
     records = [patch_unit(reg.store, u, spec, score) for u in plan_units(reg, docs, unit_bytes=1 << 20)]
-    stats = sum((r.stats for r in records), UnitStats())
+    stats = sum((r.stats for r in records), DatasetStats())
     params = {"input": docs.ref, "model": model, **patch.model_dump(), "entropies": score is not None}
     return reg.commit(Manifest(
         name=name, kind="patches", job_id=spec.job_id, parents=parents, params=params,
         arrow_schema=arrow_schema_summary(score is not None), parts=[r.part for r in records],
-        stats=stats.dataset_stats({"train": stats.documents}),
+        stats=stats.model_copy(update={"splits": {"train": stats.documents}}),
     ))
 
 
