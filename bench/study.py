@@ -2,6 +2,7 @@
 
     python bench/study.py --store ./blt-store              # the full study: hours on 2 CPU cores
     python bench/study.py --quick --store /tmp/study-smoke # smoke check: minutes, 1 seed
+    python bench/study.py --estimate                       # what the full study would take here, now
     python bench/train.py --study [the same options]       # the same program
 
 Steps, each a registry job (download, shuffle, train-entropy, patch, blt-train), so a rerun of
@@ -31,10 +32,12 @@ the targets are what `blt_data.reader` gives the trainer: every document is BOS,
 the byte after BOS, every following byte, and EOS (predicted at the last byte) are targets; the
 token after EOS (the next document's BOS in a packed row) is IGNORE_INDEX, so BOS is never
 predicted and never counted. The denominator therefore counts each document's bytes plus one
-EOS. Meta's convention (bytelatent/eval.py, train.py) counts every non-pad next token, which
-also includes the BOS that follows each EOS in the packed stream (near-free to predict), and
-drops the target of each row's first token; on stdlib's ~17.6 KB documents the difference is
-well under 0.1% of the count. The reader, not this file, decides which targets exist.
+EOS; a row edge loses no target (the reader reads one token past each batch). Meta's convention
+(bytelatent/eval.py, train.py: cross-entropy with ignore_index pad, divided by the count of
+non-pad targets) counts every next token of the packed stream, so it also counts the BOS that
+follows each EOS (near-free to predict), and it has no target for each row's first token. On
+stdlib's ~17.6 KB documents both differences are under 0.01% of the count. The reader, not this
+file, decides which targets exist; a change there changes the count here with no edit.
 
 Writes bench/results/study.json (study-quick.json for --quick, labelled as a smoke run) and prints
 a table. Before any training it prints an estimate of the wall time of what is left, from step
@@ -66,9 +69,9 @@ from blt_model.blt import BLT, byte_loss
 from blt_model.distributed import Distributed
 from blt_model.entropy_model import EntropyModel
 from blt_model.entropy_registry import load_default_entropy_model, load_registered_entropy_model
-from blt_model.train import TrainConfig, build_train_config, train
+from blt_model.train import TrainConfig, build_train_config, plan_job, train
 from blt_model.train_entropy import (
-    TrainEntropyConfig, build_train_entropy_config, document_texts, evaluate_bpb, next_byte_loss,
+    IGNORE, TrainEntropyConfig, build_train_entropy_config, document_texts, evaluate_bpb, next_byte_loss,
     plan_job as plan_entropy_job, train_entropy, validation_rows,
 )
 from pipelines.patch_job import PatchJobConfig, plan_patch_job, run_patch_job
@@ -100,7 +103,7 @@ class StudyConfig(BaseModel):
 
 
 QUICK = StudyConfig(
-    scale="quick", prefix="study-quick", limit=40, num_chunks=2, chunks=[0], val_docs=6,
+    scale="quick", prefix="study-quick", limit=30, num_chunks=2, chunks=[0], val_docs=2,  # val: 7.4 KB
     entropy_overrides=["steps=12", "warmup_steps=2", "batch_rows=2", "row_len=256", "model.dim=64",
                        "model.n_layers=2", "model.window=32", "model.max_seqlen=1024", "eval_every=0",
                        "eval_bytes=20000", "checkpoint_every=4"],
@@ -168,10 +171,11 @@ def stream_patches(reg: Registry, tcfg: TrainConfig, steps: int) -> dict:
     return {"train_bytes": n_bytes, "train_patches": n_patches, "mean_patch": n_bytes / max(n_patches, 1)}
 
 
-def entropy_val_bpb(reg: Registry, shuffled: Manifest, ecfg: TrainEntropyConfig, model: EntropyModel) -> float:
-    """Bits per byte of `model` on the first `eval_bytes` of val, as train-entropy measures it."""
+def entropy_val_bpb(reg: Registry, shuffled: Manifest, ecfg: TrainEntropyConfig, model: EntropyModel) -> tuple[float, int]:
+    """(bits per byte, bytes) of `model` on the first `eval_bytes` of val, as train-entropy measures it."""
     rows = validation_rows(document_texts(reg, shuffled, "val"), ecfg.row_len, ecfg.eval_bytes)
-    return evaluate_bpb(model.eval(), rows, ecfg.batch_rows, Distributed(0, 1, torch.device("cpu")), ecfg)
+    bpb = evaluate_bpb(model.eval(), rows, ecfg.batch_rows, Distributed(0, 1, torch.device("cpu")), ecfg)
+    return bpb, int((rows.targets != IGNORE).sum())
 
 
 # --- time estimate ----------------------------------------------------------------------------
@@ -224,21 +228,39 @@ def measure_entropy_step(ecfg: TrainEntropyConfig) -> float:
 
 
 def estimate(reg: Registry, cfg: StudyConfig, shuffled: Manifest, ecfg: TrainEntropyConfig, tcfg: TrainConfig,
-             steps: int, train_tokens: int, val_tokens: int) -> dict:
-    """Seconds each remaining step should take, from step times measured now. A forward pass is
-    taken as a third of a training step (scoring, validation)."""
+             steps: int, train_tokens: int, val_tokens: int, runs_dir: Path) -> dict:
+    """Seconds each step that is not in the registry yet should take, from step times measured
+    now. A forward pass is taken as a third of a training step (scoring, validation)."""
     blt_step = measure_blt_step(tcfg, cfg.static_patch_size)
     ent_step = measure_entropy_step(ecfg)
     ent_tokens_per_step = ecfg.batch_rows * ecfg.row_len
     blt_tokens_per_step = tcfg.data.batch_size * tcfg.data.seq_len
     rows = {}
-    if reg.find_job(*_entropy_job(reg, cfg, shuffled, ecfg), area="models") is None:
+    model = reg.find_job(*_entropy_job(reg, cfg, shuffled, ecfg), area="models")
+    if model is None and "entropy" in cfg.arms:
         rows["train entropy model"] = ecfg.steps * ent_step
-    if "entropy" in cfg.arms:
+    patched = {}  # arm -> its committed patches dataset
+    for arm in cfg.arms:
+        if arm != "entropy" or model is not None:
+            job = patch_config(cfg, shuffled, arm, model.ref if model else None)
+            if (found := reg.find_job(job.name, plan_patch_job(reg, job).job_id)) is not None:
+                patched[arm] = found
+    if "entropy" in cfg.arms and "entropy" not in patched:
         context = 1 + ecfg.model.n_layers * (ecfg.model.window - 1) / ecfg.model.max_seqlen
         rows["score entropy arm (forward ~ step/3)"] = (train_tokens + val_tokens) * context * ent_step / 3 / ent_tokens_per_step
-    run = steps * blt_step + val_tokens / blt_tokens_per_step * blt_step / 3
-    rows[f"train + validate {len(cfg.arms)} arms x {len(cfg.seeds)} seeds ({steps} steps each)"] = run * len(cfg.arms) * len(cfg.seeds)
+    left = 0
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            if arm in patched:
+                data = patched[arm]
+                arm_steps = cfg.steps or split_tokens(reg, data, "train")[1] // blt_tokens_per_step
+                done = reg.find_job(*_run_job(reg, train_config(cfg, data, arm, seed, arm_steps, runs_dir, False)), area="models")
+                left += done is None
+            else:
+                left += 1
+    if left:
+        run = steps * blt_step + val_tokens / blt_tokens_per_step * blt_step / 3
+        rows[f"train + validate {left} of {len(cfg.arms) * len(cfg.seeds)} BLT runs (~{steps} steps each)"] = run * left
     return {"blt_step_s": blt_step, "entropy_step_s": ent_step, "load_average": os.getloadavg()[0],
             "seconds": rows, "total_s": sum(rows.values())}
 
@@ -246,6 +268,10 @@ def estimate(reg: Registry, cfg: StudyConfig, shuffled: Manifest, ecfg: TrainEnt
 def _entropy_job(reg: Registry, cfg: StudyConfig, shuffled: Manifest, ecfg: TrainEntropyConfig) -> tuple[str, str]:
     name = f"{cfg.prefix}-entropy-model"
     return name, plan_entropy_job(reg, shuffled.ref, name, ecfg)[1]
+
+
+def _run_job(reg: Registry, tcfg: TrainConfig) -> tuple[str, str]:
+    return tcfg.name, plan_job(reg, tcfg)[1]
 
 
 def _hours(seconds: float) -> str:
@@ -266,6 +292,7 @@ def summarise(runs: list[dict], arms: list[str]) -> list[dict]:
         row = {"arm": arm, "data": mine[0]["data"], "seeds": len(values), "val_bpb_mean": statistics.fmean(values),
                "val_bpb_std": statistics.stdev(values) if len(values) > 1 else None,
                "val_bpb_min": min(values), "val_bpb_max": max(values), "mean_patch": mine[0]["mean_patch"],
+               "dataset_mean_patch_length": mine[0]["dataset_mean_patch_length"],
                "flops_per_byte": mine[0]["flops_per_byte"], "train_bytes": mine[0]["train_bytes"]}
         deltas = [r["val_bpb"] - static[r["seed"]] for r in mine if r["seed"] in static]
         if arm != "static" and deltas:
@@ -275,7 +302,8 @@ def summarise(runs: list[dict], arms: list[str]) -> list[dict]:
     return out
 
 
-def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, out: Path) -> dict:
+def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, out: Path,
+              estimate_only: bool = False) -> dict:
     results: dict = {"scale": cfg.scale, "config": cfg.model_dump(mode="json")}
     if cfg.scale == "quick":
         results["smoke_run"] = "a tiny run that checks the program end to end; its numbers mean nothing"
@@ -291,7 +319,7 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
     val_docs = sum(p.rows for p in parts if p.split == "val")
     train_tokens_est = int(train_docs * (mean_doc + 2))
     steps_est = cfg.steps or train_tokens_est // (tcfg0.data.batch_size * tcfg0.data.seq_len)
-    est = estimate(reg, cfg, shuffled, ecfg, tcfg0, steps_est, train_tokens_est, int(val_docs * (mean_doc + 2)))
+    est = estimate(reg, cfg, shuffled, ecfg, tcfg0, steps_est, train_tokens_est, int(val_docs * (mean_doc + 2)), runs_dir)
     results["estimate"] = est
     print(f"study ({cfg.scale}): {shuffled.ref}, chunks {cfg.chunks} ({train_docs} train documents, "
           f"~{train_tokens_est / 1e6:.1f} M tokens) + {val_docs} val; load average {est['load_average']:.1f} on "
@@ -300,19 +328,21 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
     for what, seconds in est["seconds"].items():
         print(f"  estimate  {what:<58} {_hours(seconds):>9}")
     print(f"  estimate  {'what is left, in all':<58} {_hours(est['total_s']):>9}", flush=True)
+    if estimate_only:
+        return results
 
     model_ref = None
     if "entropy" in cfg.arms:
         name, _ = _entropy_job(reg, cfg, shuffled, ecfg)
         trained = train_entropy(reg, shuffled.ref, name, ecfg, progress=progress)
         model_ref = trained.manifest.ref
-        shipped = entropy_val_bpb(reg, shuffled, ecfg, load_default_entropy_model())
+        shipped, val_bytes = entropy_val_bpb(reg, shuffled, ecfg, load_default_entropy_model())
         results["entropy_model"] = {
             "ref": model_ref, "params": sum(p.numel() for p in load_registered_entropy_model(reg, model_ref).parameters()),
-            "val_bpb": trained.val_bpb, "shipped_default_val_bpb": shipped, "val_bytes": ecfg.eval_bytes,
+            "val_bpb": trained.val_bpb, "shipped_default_val_bpb": shipped, "val_bytes": val_bytes,
         }
         print(f"entropy model {model_ref}: val {trained.val_bpb:.3f} bits/byte; shipped default on the same "
-              f"{ecfg.eval_bytes / 1e6:.2f} MB of val: {shipped:.3f}", flush=True)
+              f"{val_bytes / 1e6:.3f} MB of val: {shipped:.3f}", flush=True)
 
     datasets: dict[str, Manifest] = {}
     jobs = [patch_config(cfg, shuffled, arm, model_ref) for arm in cfg.arms]
@@ -345,6 +375,14 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
                          "patch more chunks (chunks=...) or set steps")
     print(f"arms: {', '.join(m.ref for m in datasets.values())}; {steps} steps x {per_step} tokens per run "
           f"({steps * per_step / 1e6:.2f} M; the train split holds {train_tokens / 1e6:.2f} M)", flush=True)
+
+    todo = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms
+            if reg.find_job(*_run_job(reg, train_config(cfg, datasets[arm], arm, seed, steps, runs_dir, progress)),
+                            area="models") is None]
+    val_tokens = split_tokens(reg, datasets[cfg.arms[0]], "val")[1]
+    per_run = steps * est["blt_step_s"] + val_tokens / per_step * est["blt_step_s"] / 3
+    print(f"runs left: {len(todo)} of {len(cfg.arms) * len(cfg.seeds)}, about {_hours(len(todo) * per_run)} "
+          f"at the BLT step time measured at the start", flush=True)
 
     runs, measured = [], {}
     for seed in cfg.seeds:
@@ -384,11 +422,14 @@ def print_table(results: dict) -> None:
         return "-" if x is None else format(x, fmt)
 
     print(f"{'arm':<8} {'data':<26} {'seeds':>5} {'val bpb':>8} {'std':>7} {'min..max':>15} {'-static':>8} "
-          f"{'patch B':>7} {'MFLOP/B':>8} {'train MB':>8}")
+          f"{'patch B':>7} {'(dataset)':>9} {'MFLOP/B':>8} {'train bytes':>12}")
     for r in results["arms"]:
         print(f"{r['arm']:<8} {r['data']:<26} {r['seeds']:>5} {r['val_bpb_mean']:>8.4f} {num(r['val_bpb_std'], '.4f'):>7} "
               f"{r['val_bpb_min']:>7.4f}..{r['val_bpb_max']:.4f} {num(r.get('minus_static_mean'), '+.4f'):>8} "
-              f"{r['mean_patch']:>7.2f} {r['flops_per_byte'] / 1e6:>8.2f} {r['train_bytes'] / 1e6:>8.2f}")
+              f"{r['mean_patch']:>7.2f} {r['dataset_mean_patch_length']:>9.2f} {r['flops_per_byte'] / 1e6:>8.2f} "
+              f"{r['train_bytes']:>12,}")
+    print("patch B: bytes per patch over the trained batches (BOS/EOS patches and row-edge cuts included: what the "
+          "FLOPs see); (dataset): over all text bytes of the patches dataset")
     if results["scale"] == "quick":
         print("(a smoke run: the numbers check the program, they are not a result)")
 
@@ -400,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs-dir", default="runs/study", help="local folder for each run's metrics.jsonl")
     p.add_argument("--out", default=None, help="JSON result (default bench/results/study.json, study-quick.json)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--estimate", action="store_true", help="download and shuffle, print the time estimate, stop")
     p.add_argument("overrides", nargs="*", help="StudyConfig fields as key=value (e.g. seeds=[0,1] chunks=[0])")
     args = p.parse_args(argv)
     base = QUICK if args.quick else StudyConfig()
@@ -410,7 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else REPO / "bench" / "results" / ("study-quick.json" if args.quick else "study.json")
     torch.set_num_threads(os.cpu_count() or 1)
     reg = Registry(Store.open(args.store))
-    results = run_study(reg, cfg, Path(args.runs_dir), not args.no_progress, out)
+    results = run_study(reg, cfg, Path(args.runs_dir), not args.no_progress, out, args.estimate)
+    if args.estimate:
+        return
     print_table(results)
     print(f"wrote {out}")
 
