@@ -319,6 +319,9 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
     val_docs = sum(p.rows for p in parts if p.split == "val")
     train_tokens_est = int(train_docs * (mean_doc + 2))
     steps_est = cfg.steps or train_tokens_est // (tcfg0.data.batch_size * tcfg0.data.seq_len)
+    if steps_est * tcfg0.data.batch_size * tcfg0.data.seq_len < 0.95 * cfg.min_train_bytes:  # fail before the hours
+        raise SystemExit(f"chunks {cfg.chunks} of {shuffled.ref} hold ~{train_tokens_est / 1e6:.1f} M tokens, under "
+                         f"min_train_bytes={cfg.min_train_bytes}: patch more chunks (chunks=...) or set steps")
     est = estimate(reg, cfg, shuffled, ecfg, tcfg0, steps_est, train_tokens_est, int(val_docs * (mean_doc + 2)), runs_dir)
     results["estimate"] = est
     print(f"study ({cfg.scale}): {shuffled.ref}, chunks {cfg.chunks} ({train_docs} train documents, "
