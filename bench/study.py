@@ -14,8 +14,8 @@ resumes from its last checkpoint (every `checkpoint_every` steps of the `study` 
      parameters, about an hour of CPU), its val bits per byte printed next to the shipped
      default's on the same val bytes;
   3. three patches datasets of the same documents (the chosen train chunks, >= 10 MB, and val):
-     `entropy` (global threshold calibrated to a mean of --target-patch-size bytes), `static`
-     (--static-patch-size), `space`;
+     `entropy` (global threshold calibrated to a mean of `target_patch_size` = 4 bytes),
+     `static` (`static_patch_size` = 4), `space`;
   4. the `small` BLT (train preset `study`) trained on each arm with every seed: the same steps x
      batch x seq_len tokens for every arm, one epoch of the train split (every arm has the same
      documents, so the same tokens); a seed sets the model initialisation and the reader's block
@@ -29,14 +29,15 @@ resumes from its last checkpoint (every `checkpoint_every` steps of the `study` 
 
 Bits per byte, as counted here: sum over targets of -log2 p(target) / number of targets, where
 the targets are what `blt_data.reader` gives the trainer: every document is BOS, its bytes, EOS;
-the byte after BOS, every following byte, and EOS (predicted at the last byte) are targets; the
-token after EOS (the next document's BOS in a packed row) is IGNORE_INDEX, so BOS is never
+the first byte (predicted at BOS), every following byte and EOS (predicted at the last byte) are
+targets; the token after EOS (the next document's BOS in a packed row) is IGNORE_INDEX, so BOS is never
 predicted and never counted. The denominator therefore counts each document's bytes plus one
 EOS; a row edge loses no target (the reader reads one token past each batch). Meta's convention
 (bytelatent/eval.py, train.py: cross-entropy with ignore_index pad, divided by the count of
 non-pad targets) counts every next token of the packed stream, so it also counts the BOS that
-follows each EOS (near-free to predict), and it has no target for each row's first token. On
-stdlib's ~17.6 KB documents both differences are under 0.01% of the count. The reader, not this
+follows each EOS (near-free to predict), and it has no target for each row's first token. Each
+difference is one target per document (~17.6 KB on stdlib) or per row (1,024 tokens here), so at
+most ~0.1% of the count. The reader, not this
 file, decides which targets exist; a change there changes the count here with no edit.
 
 Writes bench/results/study.json (study-quick.json for --quick, labelled as a smoke run) and prints
