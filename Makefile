@@ -18,7 +18,7 @@ LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 	--find-links $(TORCH_WHEELS) --override $(VENV)/torch-cpu.txt --no-emit-package torch \
 	--custom-compile-command "make lock" --quiet
 
-.PHONY: install lock demo test test-gpu bench clean
+.PHONY: install lock demo test test-gpu fuzz bench clean
 
 install: $(STAMP)
 
@@ -51,9 +51,13 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
+# The fuzz set with random seeds and 50x the CI budget (issue 14); failures are kept in .hypothesis/.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -m fuzz --timeout 3600
+
 bench: $(STAMP)
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/shuffle.py
 
 clean:
-	rm -rf $(VENV) blt-store .pytest_cache
+	rm -rf $(VENV) blt-store .pytest_cache .hypothesis

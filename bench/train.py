@@ -1,8 +1,8 @@
-"""BLT training throughput, the reader against what the trainer consumes, and a small patching study.
+"""BLT training throughput, the reader against what the trainer consumes, and the patching study.
 
     python bench/train.py --device cuda --preset 100m        # one H100: bytes/s, MFU, peak memory
     python bench/train.py --device cpu --preset small        # this kind of machine (a few minutes)
-    python bench/train.py --study ENTROPY_REF STATIC_REF --store ./blt-store --steps 300
+    python bench/train.py --study [--quick] --store ./blt-store   # bench/study.py (hours; --quick: minutes)
 
 Rows:
   trainer   forward + backward + AdamW steps of a BLT preset in one process (bf16 autocast and
@@ -12,10 +12,9 @@ Rows:
   reader    `blt_data.reader.Reader` packing the same rows from a patches dataset on a local store
             (Parquet parts written with the patch job's own writers), bytes/s with the consumer
             doing nothing; ratio = reader / trainer (target >= 20x).
-  study     (--study) two patches datasets of the same documents and the same mean patch size
-            (e.g. entropy vs static): the same BLT trained for the same steps on each (same bytes,
-            so the same FLOPs), then val bits per byte of each.
-Writes bench/results/train.json (train-study.json for --study).
+  study     (--study) entropy vs static vs space patches, 3 seeds each, equal bytes: every other
+            option goes to bench/study.py (see its docstring).
+Writes bench/results/train.json (bench/study.py writes study.json).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import sysconfig
 import tempfile
 import time
@@ -134,36 +134,24 @@ def measure_trainer(args, reg: Registry, name: str) -> dict:
     return out
 
 
-def study(args) -> list[dict]:
-    from blt_model.train import build_train_config, train
-
-    reg = Registry(Store.open(args.store))
-    rows = []
-    for ref in args.study:
-        m = reg.resolve(ref, kind="patches")
-        cfg = build_train_config("demo", [f"data.dataset={ref}", f"name=study-{m.name}", f"steps={args.steps}",
-                                          f"model_preset={args.preset}", "progress=false",
-                                          f"dump_dir={tempfile.mkdtemp(prefix='study-')}"])
-        result = train(reg, cfg)
-        rows.append({"data": m.ref, "scheme": m.params.get("scheme"), "mean_patch": m.stats.mean_patch_length,
-                     "steps": args.steps, "val_bpb": result.val_bpb})
-    return rows
-
-
 def main() -> None:
+    if "--study" in sys.argv[1:]:
+        sys.argv.remove("--study")
+        from study import main as study_main  # bench/study.py: this script's folder is on sys.path
+
+        return study_main()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default=None, help="BLT preset (default: 100m on cuda, small on cpu)")
     p.add_argument("--seq-len", type=int, default=None, help="default: 8192 on cuda, 1024 on cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on cuda, 4 on cpu")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 cuda / 8 cpu); study: training steps")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 cuda / 8 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 cuda / 2 cpu)")
     p.add_argument("--patch-size", type=int, default=5, help="static patch size of the synthetic dataset (BOS and EOS are patches of 1, so the mean is a little under it)")
     p.add_argument("--corpus-mb", type=float, default=None, help="stdlib text in the dataset (default 30 cuda / 6 cpu)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--study", nargs=2, metavar="REF", help="two patches datasets to compare (val bpb)")
-    p.add_argument("--store", default="blt-store", help="store holding the --study datasets")
+    p.add_argument("--study", action="store_true", help="run the patching study (bench/study.py; its options follow)")
     args = p.parse_args()
     cuda = args.device == "cuda"
     args.preset = args.preset or ("100m" if cuda else "small")
@@ -173,30 +161,23 @@ def main() -> None:
     corpus_mb = args.corpus_mb or (30 if cuda else 6)
     results: dict = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
                      "preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size}
-    if args.study:
-        args.steps = args.steps or 300
-        results["study"] = study(args)
-        print(f"{'data':<28} {'scheme':<10} {'mean patch':>10} {'steps':>6} {'val bpb':>8}")
-        for r in results["study"]:
-            print(f"{r['data']:<28} {r['scheme']:<10} {r['mean_patch']:>10.2f} {r['steps']:>6} {r['val_bpb']:>8.4f}")
-    else:
-        args.steps = args.steps or (30 if cuda else 8)
-        with tempfile.TemporaryDirectory() as tmp:
-            reg = Registry(Store.open(tmp))
-            texts = stdlib_texts(int(corpus_mb * 1e6))
-            patches_dataset(reg, texts, args.patch_size)
-            trainer = measure_trainer(args, reg, "bench")
-            needed = max(300, math.ceil(trainer["bytes_per_s"] * 20 * 5 / (args.seq_len * args.batch_size)))
-            reader = measure_reader(reg, "bench", args.seq_len, args.batch_size, needed)
-        results.update(trainer=trainer, reader=reader, reader_over_trainer=reader["bytes_per_s"] / trainer["bytes_per_s"])
-        print(f"{'what':<10} {'KB/s':>10} {'ratio':>8} {'MFU':>6} {'peak GB':>8}  notes")
-        mfu = f"{trainer['mfu']:.1%}" if "mfu" in trainer else "-"
-        memory = f"{trainer['peak_memory_gb']:.1f}" if "peak_memory_gb" in trainer else "-"
-        print(f"{'trainer':<10} {trainer['bytes_per_s'] / 1e3:>10.1f} {'':>8} {mfu:>6} {memory:>8}  "
-              f"{args.preset}: {trainer['params'] / 1e6:.1f}M params, mean patch {trainer['mean_patch']:.2f} B, "
-              f"{trainer['flops_per_byte'] / 1e6:.0f} MFLOP/byte")
-        print(f"{'reader':<10} {reader['bytes_per_s'] / 1e3:>10.1f} {results['reader_over_trainer']:>8.1f}x")
-    out = REPO / "bench" / "results" / ("train-study.json" if args.study else "train.json")
+    args.steps = args.steps or (30 if cuda else 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        reg = Registry(Store.open(tmp))
+        texts = stdlib_texts(int(corpus_mb * 1e6))
+        patches_dataset(reg, texts, args.patch_size)
+        trainer = measure_trainer(args, reg, "bench")
+        needed = max(300, math.ceil(trainer["bytes_per_s"] * 20 * 5 / (args.seq_len * args.batch_size)))
+        reader = measure_reader(reg, "bench", args.seq_len, args.batch_size, needed)
+    results.update(trainer=trainer, reader=reader, reader_over_trainer=reader["bytes_per_s"] / trainer["bytes_per_s"])
+    print(f"{'what':<10} {'KB/s':>10} {'ratio':>8} {'MFU':>6} {'peak GB':>8}  notes")
+    mfu = f"{trainer['mfu']:.1%}" if "mfu" in trainer else "-"
+    memory = f"{trainer['peak_memory_gb']:.1f}" if "peak_memory_gb" in trainer else "-"
+    print(f"{'trainer':<10} {trainer['bytes_per_s'] / 1e3:>10.1f} {'':>8} {mfu:>6} {memory:>8}  "
+          f"{args.preset}: {trainer['params'] / 1e6:.1f}M params, mean patch {trainer['mean_patch']:.2f} B, "
+          f"{trainer['flops_per_byte'] / 1e6:.0f} MFLOP/byte")
+    print(f"{'reader':<10} {reader['bytes_per_s'] / 1e3:>10.1f} {results['reader_over_trainer']:>8.1f}x")
+    out = REPO / "bench" / "results" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

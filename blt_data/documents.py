@@ -30,6 +30,58 @@ def part_name(index: int, ext: str = PART_EXT) -> str:
     return f"part-{index:06d}{ext}"
 
 
+# Deeper JSON is refused. The standard parser recurses once per level and stops with
+# RecursionError near 1000 levels (a depth that depends on the caller's stack): below that, the
+# limit makes the outcome the same wherever the line is parsed; above, the RecursionError is caught.
+MAX_JSON_DEPTH = 256
+
+
+class JSONLineError(ValueError):
+    """A line that is not one JSON value we can hold; the message is the quarantine reason."""
+
+
+def parse_json_line(raw: bytes) -> Any:
+    """The JSON value of one line, or `JSONLineError` saying why not.
+
+    Bytes must be UTF-8 (a leading BOM is allowed). Refused: nesting deeper than
+    `MAX_JSON_DEPTH`, integers longer than Python's digit limit (4300), and whatever
+    `json` itself refuses (NUL and other raw control characters inside strings included).
+    NaN and Infinity are accepted, as `json` does.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JSONLineError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        value = json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise JSONLineError(f"not valid JSON: {e}") from None
+    except ValueError as e:  # an integer past sys.get_int_max_str_digits()
+        raise JSONLineError(f"unreadable JSON number: {e}") from None
+    except RecursionError:  # the parser gives up near the interpreter's recursion limit
+        raise JSONLineError(f"JSON nested deeper than the parser's limit (the limit is {MAX_JSON_DEPTH})") from None
+    # Only a line with more brackets than the limit can nest past it (most lines, code in a
+    # string included, hold few containers, and the walk below is over containers, not bytes).
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and (depth := json_depth(value)) > MAX_JSON_DEPTH:
+        raise JSONLineError(f"JSON nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})")
+    return value
+
+
+def json_depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node if isinstance(child, (list, dict)))
+    return deepest
+
+
 def encode_line(obj: dict[str, Any]) -> bytes:
     # default=str: pass-through fields from Parquet (timestamps, decimals) must not stop a job.
     return json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
@@ -235,10 +287,23 @@ def split_lines(chunks: Iterable[bytes], pending: list[bytes] | None = None) -> 
         yield last
 
 
-def iter_lines(store: Store, rel: str) -> Iterator[bytes]:
-    """The lines (without newline) of a zstd JSONL object, streamed."""
-    with store.open_input(rel) as f:
-        yield from split_lines(zstd_chunks(f))
+class DocumentsError(ValueError):
+    """A committed documents part that cannot be read as one; the message names the part."""
+
+
+def iter_lines(store: Store, rel: str, part: PartInfo | None = None) -> Iterator[bytes]:
+    """The lines (without newline) of a zstd JSONL object, streamed.
+
+    With ``part`` (its manifest entry), its size is checked on open and its sha256 when the read
+    reaches the end (`Store.open_checked`): a part changed after its manifest raises
+    `IntegrityError` instead of feeding other bytes to the job.
+    """
+    f = store.open_checked(rel, part.bytes, part.sha256) if part is not None else store.open_input(rel)
+    with f:
+        try:
+            yield from split_lines(zstd_chunks(f))
+        except zstandard.ZstdError as e:
+            raise DocumentsError(f"{store.uri(rel)} is not a readable zstd JSONL part: {e}") from None
 
 
 def count_rows(store: Store, rel: str) -> int:
@@ -252,12 +317,26 @@ def count_rows(store: Store, rel: str) -> int:
 
 def iter_part_lines(registry: Registry, manifest: Manifest, split: str | None = None) -> Iterator[bytes]:
     for part in manifest.parts_of(split):
-        yield from iter_lines(registry.store, registry.part_path(manifest, part))
+        yield from iter_lines(registry.store, registry.part_path(manifest, part), part)
 
 
 def iter_documents(registry: Registry, manifest: Manifest, split: str | None = None) -> Iterator[dict]:
     """Every document of a documents dataset, part by part, in manifest order."""
     if manifest.kind != "documents":
         raise ValueError(f"{manifest.ref} is a {manifest.kind} dataset, not documents")
-    for line in iter_part_lines(registry, manifest, split):
-        yield json.loads(line)
+    for part in manifest.parts_of(split):
+        rel = registry.part_path(manifest, part)
+        for i, line in enumerate(iter_lines(registry.store, rel, part)):
+            yield parse_document(line, registry.store.uri(rel), i + 1)
+
+
+def parse_document(line: bytes, where: str, line_no: int) -> dict:
+    """One line of a committed documents part (written by this package, so any fault is
+    reported as the part's, with its line number)."""
+    try:
+        doc = parse_json_line(line)
+    except JSONLineError as e:
+        raise DocumentsError(f"{where} line {line_no}: {e}") from None
+    if check_document(doc) is not None or not isinstance(doc.get("id"), str):
+        raise DocumentsError(f"{where} line {line_no}: not a document ({check_document(doc) or 'no string id'})")
+    return doc

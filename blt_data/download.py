@@ -32,11 +32,14 @@ from tqdm import tqdm
 
 from blt_data.documents import (
     DEFAULT_PART_BYTES,
+    JSONLineError,
     PartWriter,
     check_document,
     encode_line,
     gzip_chunks,
     iter_lines,
+    parse_document,
+    parse_json_line,
     part_name,
     quarantine_record,
     read_chunks,
@@ -46,7 +49,7 @@ from blt_data.documents import (
 from blt_data.jobs import output_fields
 from blt_data.registry import Manifest, PartInfo, Registry, check_name, job_hash
 from blt_data.stats import DatasetStats
-from blt_data.storage import filesystem_for
+from blt_data.storage import IntegrityError, filesystem_for, is_transport_error
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +246,7 @@ def _line_records(fi: int, url: str, name: str, skip: int, damage: list[Damage])
                     continue
                 yield (fi, line_no), _parse_line(name, line_no, raw)
         except (zstandard.ZstdError, EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+            _raise_if_transport(e, url)
             partial = b"".join(pending)
             damage.append(Damage(file=name, error=f"{type(e).__name__}: {e}", lines_read=line_no, bytes_read=nbytes + len(partial)))
             log.warning("%s is damaged after %d lines (%d bytes): %s", name, line_no, nbytes, e)
@@ -252,13 +256,20 @@ def _line_records(fi: int, url: str, name: str, skip: int, damage: list[Damage])
                     yield (fi, line_no), Record(name, line_no, bad="incomplete line: file damaged here", raw=partial)
 
 
+def _raise_if_transport(e: BaseException, url: str) -> None:
+    """A store that cannot be reached is no damaged file: stop (a rerun resumes) rather than
+    commit a dataset without the rest of the file."""
+    if is_transport_error(e):
+        raise SourceError(f"cannot read {url}: {type(e).__name__}: {e}") from None
+
+
 def _parse_line(name: str, line_no: int, raw: bytes) -> Record:
     if not raw.strip():
         return Record(name, line_no, bad="blank", raw=raw)
     try:
-        return Record(name, line_no, obj=json.loads(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return Record(name, line_no, bad=f"not valid JSON: {e}", raw=raw)
+        return Record(name, line_no, obj=parse_json_line(raw))
+    except JSONLineError as e:
+        return Record(name, line_no, bad=str(e), raw=raw)
 
 
 def _parquet_records(fi: int, url: str, name: str, skip: int, damage: list[Damage]) -> Iterator[tuple[Position, Record]]:
@@ -279,6 +290,7 @@ def _parquet_records(fi: int, url: str, name: str, skip: int, damage: list[Damag
                     if row > skip:
                         yield (fi, row), Record(name, row, obj=obj)
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            _raise_if_transport(e, url)
             damage.append(Damage(file=name, error=f"{type(e).__name__}: {e}", lines_read=row, bytes_read=-1))
             log.warning("%s is damaged after %d rows: %s", name, row, e)
 
@@ -315,18 +327,32 @@ class _Downloader:
     # --- resume ---------------------------------------------------------------------------
 
     def load_finished(self) -> tuple[Position, list[dict]]:
-        """The completion records of parts 0..k-1 (contiguous) and the position after them."""
-        records = []
+        """The completion records of parts 0..k-1 (contiguous) and the position after them.
+
+        A record that cannot be read, or whose part no longer matches it, ends the list there:
+        parts are a pure function of the source, so that part and the ones after it are redone.
+        """
+        records: list[dict] = []
+        seen: set[str] = set()  # ids of kept parts, so duplicates across the resume point are caught
+        dataset_dir = self.registry.dataset_dir(self.cfg.name)
         while True:
             rel = f"{self.job}/_done/{part_name(len(records), '.json')}"
             if not self.store.exists(rel):
                 break
-            records.append(json.loads(self.store.read_bytes(rel)))
-        for rec in records:  # ids of kept parts, so duplicates across the resume point are caught
-            if rec["part"]:
-                dataset_dir = self.registry.dataset_dir(self.cfg.name)
-                for line in iter_lines(self.store, f"{dataset_dir}/{rec['part']['path']}"):
-                    self.seen.add(json.loads(line)["id"])
+            ids = []
+            try:
+                rec = _check_record(parse_json_line(self.store.read_bytes(rel)), len(records))
+                if rec["part"]:
+                    part = PartInfo(**rec["part"])
+                    where = f"{dataset_dir}/{part.path}"
+                    for i, line in enumerate(iter_lines(self.store, where, part)):
+                        ids.append(parse_document(line, self.store.uri(where), i + 1)["id"])
+            except (ValueError, KeyError, TypeError, FileNotFoundError, IntegrityError) as e:
+                log.warning("redoing from part %d: %s cannot be trusted (%s)", len(records), self.store.uri(rel), e)
+                break
+            seen.update(ids)
+            records.append(rec)
+        self.seen = seen
         self.index = len(records)
         start = tuple(records[-1]["end"]) if records else (0, 0)
         return start, records  # type: ignore[return-value]
@@ -342,39 +368,55 @@ class _Downloader:
         if reason:
             self._quarantine(rec, reason)
             return 0
-        doc = self._document(rec)
+        doc, duplicate = self._document(rec)
+        try:
+            line = encode_line(doc)
+        except (UnicodeEncodeError, ValueError, RecursionError) as e:
+            # A value JSON can parse but UTF-8 cannot hold (a lone surrogate outside the text),
+            # or a Parquet value nested or sized past what `json` writes.
+            self._quarantine(rec, f"cannot be written as a document: {type(e).__name__}: {e}")
+            return 0
+        if duplicate:
+            self.stats.duplicate_ids += 1
+            if len(self.stats.duplicate_id_examples) < 20:
+                self.stats.duplicate_id_examples.append(duplicate)
+        self.seen.add(doc["id"])
         if self.data is None:
             self.data = self._open_part("")
         text_bytes = len(doc["text"].encode("utf-8"))
-        self.data.write_line(encode_line(doc))
+        self.data.write_line(line)
         self.stats.documents += 1
         self.stats.bytes += text_bytes
         return text_bytes
 
-    def _document(self, rec: Record) -> dict[str, Any]:
+    def _document(self, rec: Record) -> tuple[dict[str, Any], str | None]:
+        """The document line's object, and an example for the stats when its id was a duplicate."""
         obj = rec.obj
         text = obj[self.cfg.text_field]
         raw_id = obj.get("id") if self.source.kind == "stdlib" else obj.get(self.cfg.id_field)
         positional = f"{rec.source}:{rec.line}"
         doc_id = positional if raw_id is None or raw_id == "" else str(raw_id)
         doc = {k: v for k, v in obj.items() if k not in (self.cfg.text_field, self.cfg.id_field)}
+        duplicate = None
         if doc_id in self.seen:
-            self.stats.duplicate_ids += 1
-            if len(self.stats.duplicate_id_examples) < 20:
-                self.stats.duplicate_id_examples.append(f"{doc_id} (again at {positional})")
+            duplicate = f"{doc_id} (again at {positional})"
             doc["duplicate_of"] = doc_id
             doc_id = positional
             while doc_id in self.seen:  # a positional id can only collide with a hand-made one
                 doc_id += "#"
-        self.seen.add(doc_id)
         doc["id"] = doc_id
         doc["text"] = text
-        return doc
+        return doc, duplicate
 
     def _quarantine(self, rec: Record, reason: str) -> None:
         if self.quarantine is None:
             self.quarantine = self._open_part("_quarantine/")
-        self.quarantine.write_line(encode_line(quarantine_record(rec.source, rec.line, reason, rec.raw)))
+        record = quarantine_record(rec.source, rec.line, reason, rec.raw)
+        try:
+            line = encode_line(record)
+        except UnicodeEncodeError:  # a lone surrogate (in a file name, say): escaped, JSON allows it
+            line = json.dumps(record, default=str).encode("ascii") + b"\n"
+        self.quarantine.write_line(line)
         self.stats.quarantined += 1
 
     def _open_part(self, sub: str) -> PartWriter:
@@ -388,7 +430,7 @@ class _Downloader:
         """Publish part k and its quarantine part, then the completion record (last)."""
         self.stats.damaged_files.extend(vars(d) for d in damage)
         damage.clear()
-        if self.data is None and self.quarantine is None and not self.stats.damaged_files:
+        if self.data is None and self.quarantine is None and not (self.stats.damaged_files or self.stats.blank_lines):
             return None
         record = {
             "index": self.index,
@@ -402,6 +444,20 @@ class _Downloader:
         self.stats = DatasetStats()
         self.index += 1
         return record
+
+
+def _check_record(rec: Any, index: int) -> dict:
+    """A completion record as `finish_part` writes it, or ValueError."""
+    if not isinstance(rec, dict) or rec.get("index") != index:
+        raise ValueError(f"not the record of part {index}")
+    end = rec["end"]
+    if not (isinstance(end, list) and len(end) == 2 and all(type(v) is int and v >= 0 for v in end)):
+        raise ValueError(f"bad source position {end!r}")
+    for key in ("part", "quarantine"):
+        if rec[key] is not None:
+            PartInfo(**rec[key])
+    DatasetStats(**rec["stats"])
+    return rec
 
 
 def download(registry: Registry, cfg: DownloadConfig, progress: bool = False) -> Manifest:

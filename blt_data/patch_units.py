@@ -31,7 +31,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from blt_data.calibrate import Calibration
-from blt_data.documents import iter_lines
+from blt_data.documents import iter_lines, parse_document
 from blt_data.patches import arrow_schema_summary, build_table, entropies_array, part_name, write_part
 from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, PartInfo, Registry
@@ -86,12 +86,12 @@ def record_path(spec: UnitSpec, index: int) -> str:
 
 def plan_units(registry: Registry, docs: Manifest, unit_bytes: int, parts: list[PartInfo] | None = None) -> list[Unit]:
     """Every unit of a documents dataset (or of some of its `parts`). Reads each part once
-    (line lengths only)."""
+    (line lengths only), checking it against its manifest entry (size and sha256)."""
     units: list[Unit] = []
     for part in docs.parts if parts is None else parts:
         start = size = 0
         line = -1
-        for line, raw in enumerate(iter_lines(registry.store, registry.part_path(docs, part))):
+        for line, raw in enumerate(iter_lines(registry.store, registry.part_path(docs, part), part)):
             n = len(raw) + 1
             if size and size + n > unit_bytes:
                 units.append(Unit(index=len(units), part=part.path, split=part.split, start=start, stop=line, bytes=size))
@@ -114,8 +114,9 @@ def iter_unit_lines(store: Store, input_dir: str, unit: Unit) -> Iterator[bytes]
 
 def read_unit(store: Store, input_dir: str, unit: Unit) -> tuple[list[str], list[str]]:
     ids, texts = [], []
-    for raw in iter_unit_lines(store, input_dir, unit):
-        doc = json.loads(raw)
+    where = store.uri(f"{input_dir}/{unit.part}")
+    for i, raw in enumerate(iter_unit_lines(store, input_dir, unit)):
+        doc = parse_document(raw, where, unit.start + i + 1)
         ids.append(doc["id"])
         texts.append(doc["text"])
     if len(ids) != unit.stop - unit.start:
@@ -132,8 +133,9 @@ def calibration_sample(store: Store, input_dir: str, units: list[Unit], sample_b
     texts = []
     for unit in heads:
         left = share
-        for raw in iter_lines(store, f"{input_dir}/{unit.part}"):
-            data = json.loads(raw)["text"].encode("utf-8")
+        where = store.uri(f"{input_dir}/{unit.part}")
+        for i, raw in enumerate(iter_lines(store, f"{input_dir}/{unit.part}")):
+            data = parse_document(raw, where, i + 1)["text"].encode("utf-8")
             if not data:
                 continue
             texts.append(data[:left].decode("utf-8", errors="ignore"))

@@ -45,7 +45,7 @@ from blt_data.reader_state import (
 )
 from blt_data.registry import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError
-from blt_data.storage import Store
+from blt_data.storage import Store, StoreError
 from blt_data.tokens import IGNORE_INDEX
 
 # The public face: the trainer imports these from here.
@@ -208,17 +208,23 @@ class Reader:
             pool.shutdown(wait=True)
 
     def _read_stream(self, j: int, block: Block, start: int, document: int, offset: int) -> TokenStream:
-        table = self._read_rows(block.part, start, block.stop)
+        where = f"{self.order.parts[block.part].path} rows {start}..{block.stop}"
+        try:
+            table = self._read_rows(block.part, start, block.stop)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            if isinstance(e, (ReaderError, StoreError, FileNotFoundError)):
+                raise  # already names the part or the object
+            raise ReaderError(f"{self.manifest.ref}: {where}: unreadable Parquet: {type(e).__name__}: {e}") from None
         try:
             return TokenStream.of(table, j, document, offset)
-        except ValueError as e:
-            where = f"{self.order.parts[block.part].path} rows {start}..{block.stop}"
+        except (ValueError, KeyError, pa.ArrowException) as e:
             raise ReaderError(f"{self.manifest.ref}: {where}: {e}") from None
 
     def _read_rows(self, index: int, start: int, stop: int) -> pa.Table:
         """Rows [start, stop) of a part, reading only the row groups that hold them."""
         part = self.order.parts[index]
-        with self.registry.store.open_input(self.registry.part_path(self.manifest, part)) as f:
+        # Its size is checked against the manifest on open (sha256 needs a whole read: `verify`).
+        with self.registry.store.open_checked(self.registry.part_path(self.manifest, part), part.bytes, part.sha256) as f:
             cached = self._footers.get(index)
             pf = pq.ParquetFile(f, metadata=cached[0] if cached else None)
             if cached is None:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blt_data import __version__
 from blt_data.stats import DatasetStats
@@ -48,10 +48,18 @@ class PartInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     path: str
-    rows: int
-    bytes: int
-    sha256: str
+    rows: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     split: str = "train"
+
+    @field_validator("path")
+    @classmethod
+    def _inside_dataset(cls, path: str) -> str:
+        # A tampered manifest must not point readers at objects outside its dataset.
+        if not path or path.startswith("/") or "\\" in path or ".." in path.split("/") or "://" in path:
+            raise ValueError(f"part path {path!r} is not a relative path inside the dataset")
+        return path
 
 
 class Manifest(BaseModel):

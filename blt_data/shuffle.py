@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from typing import IO, Iterator, NamedTuple
 
 import numpy as np
@@ -244,7 +245,9 @@ def _write_runs(registry: Registry, source: Manifest, runs_dir: str, cfg: Shuffl
     with _progress(progress, f"shuffle runs {source.ref}", None) as bar:
         # Every split of the input is shuffled together; the output's val is a fresh sample.
         for part in source.parts:
-            for block, block_ends in _line_blocks(store.open_input(registry.part_path(source, part), READ_BYTES), READ_BYTES):
+            rel = registry.part_path(source, part)
+            # Checked against the manifest (size on open, sha256 at the end of the read).
+            for block, block_ends in _line_blocks(store.open_checked(rel, part.bytes, part.sha256, READ_BYTES), READ_BYTES, store.uri(rel)):
                 pos = 0
                 while pos < len(block_ends):
                     start = int(block_ends[pos - 1]) if pos else 0
@@ -294,7 +297,7 @@ def _merge_runs(store: Store, index: RunsIndex, cfg: ShuffleConfig) -> Iterator[
 
     rng = np.random.default_rng([cfg.seed, _MERGE_STREAM])
     remaining = np.array([r.rows for r in index.runs], dtype=np.int64)
-    readers = [_RunReader(store.open_input(r.path, read_bytes), read_bytes) for r in index.runs]
+    readers = [_RunReader(store.open_checked(r.path, r.bytes, r.sha256, read_bytes), read_bytes, store.uri(r.path)) for r in index.runs]
     try:
         while (total := int(remaining.sum())) > 0:
             # Drawing run r with probability remaining_r / total, line after line, makes a uniform
@@ -323,8 +326,8 @@ def _merge_runs(store: Store, index: RunsIndex, cfg: ShuffleConfig) -> Iterator[
 class _RunReader:
     """Streams a run's lines and hands them out in contiguous groups."""
 
-    def __init__(self, f: IO[bytes], read_bytes: int):
-        self._blocks = _line_blocks(f, read_bytes)
+    def __init__(self, f: IO[bytes], read_bytes: int, uri: str):
+        self._blocks = _line_blocks(f, read_bytes, uri)
         self._data: memoryview | bytes = b""
         self._ends = np.empty(0, dtype=np.int64)
         self._pos = 0
@@ -416,12 +419,12 @@ class _OutputSink:
         return self.parts
 
 
-def _line_blocks(f: IO[bytes], read_bytes: int) -> Iterator[tuple[memoryview, np.ndarray]]:
+def _line_blocks(f: IO[bytes], read_bytes: int, uri: str = "") -> Iterator[tuple[memoryview, np.ndarray]]:
     """Whole lines of a zstd JSONL object, a block at a time: (bytes, end offset of each line).
 
     Every line ends with its newline (one is added to a last line that lacks it).
     """
-    with f:
+    with f, _zstd_errors_name(uri):
         reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
         pending: list[bytes] = []  # the start of a line that has not ended yet
         while chunk := reader.read(read_bytes):
@@ -436,6 +439,14 @@ def _line_blocks(f: IO[bytes], read_bytes: int) -> Iterator[tuple[memoryview, np
         if pending:
             data = b"".join([*pending, b"\n"])
             yield memoryview(data), np.array([len(data)], dtype=np.int64)
+
+
+@contextmanager
+def _zstd_errors_name(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except zstandard.ZstdError as e:
+        raise ValueError(f"{uri or 'a run'} is not a readable zstd JSONL part: {e}") from None
 
 
 def _gather(data: memoryview, line_ends: np.ndarray, order: np.ndarray) -> Iterator[tuple[bytes, int]]:

@@ -12,6 +12,7 @@ other S3-compatible stores); nothing here ever formats credentials into a messag
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -36,10 +37,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "./blt-store"
 STORE_ENV = "BLT_STORE"
+READ_TIMEOUT_ENV = "BLT_S3_READ_TIMEOUT_S"
 
 
 class StoreError(RuntimeError):
     """A store could not be reached or refused an operation; the message names the URL."""
+
+
+class IntegrityError(StoreError):
+    """An object's bytes are not the ones its manifest recorded; the message names the object."""
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -51,6 +57,33 @@ def _is_transient(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return any(s in text for s in ("SlowDown", "Throttl", "ServiceUnavailable", "InternalError"))
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """An error of reaching the store (refused, timed out, cut off, denied), as opposed to one in
+    the bytes it returned."""
+    if _is_transient(exc) or isinstance(exc, PermissionError):
+        return True
+    return any(c.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
+               for c in type(exc).__mro__)
+
+
+def _named(method):
+    """Errors that escape a store call name the object: PermissionError stays one, other transport
+    errors (what the retries gave up on) become StoreError."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Store", rel: str = "", *args, **kwargs):
+        try:
+            return method(self, rel, *args, **kwargs)
+        except PermissionError as e:
+            raise PermissionError(f"access denied to {self.uri(rel)}: {_clean(e)}") from None
+        except Exception as e:
+            if isinstance(e, (FileNotFoundError, FileExistsError, StoreError)) or not is_transport_error(e):
+                raise
+            raise StoreError(f"cannot reach {self.uri(rel)}: {type(e).__name__}: {_clean(e)}") from None
+
+    return wrapper
 
 
 transient_retry = retry(
@@ -67,13 +100,16 @@ def resolve_store_url(store: str | None) -> str:
     return store or os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
-def s3_options(max_attempts: int = 6, connect_timeout: int = 10) -> dict[str, Any]:
+def s3_options(max_attempts: int = 4, connect_timeout: int = 10) -> dict[str, Any]:
     opts: dict[str, Any] = {
         # Adaptive mode backs off on throttling and retries 5xx with jitter (botocore's own).
         "config_kwargs": {
-            "retries": {"max_attempts": max_attempts, "mode": "adaptive"},
+            # AWS_MAX_ATTEMPTS, AWS's own variable, wins as it does for any AWS client.
+            "retries": {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or max_attempts), "mode": "adaptive"},
             "connect_timeout": connect_timeout,
-            "read_timeout": 60,
+            # Seconds without a byte before a request is retried (see filesystem_for for how
+            # many times), so a store that stalls fails in bounded time.
+            "read_timeout": float(os.environ.get(READ_TIMEOUT_ENV) or 30),
         },
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -92,7 +128,11 @@ def filesystem_for(url: str, probe: bool = False) -> tuple[fsspec.AbstractFileSy
     if protocol in ("s3", "s3a"):
         opts = s3_options(max_attempts=2, connect_timeout=3) if probe else s3_options()
         fs = fsspec.filesystem("s3", **opts)
-        fs.retries = 1 if probe else 3  # s3fs's own retry loop, on top of botocore's
+        # s3fs's own retry loop runs on top of botocore's, twice nested on a file read (around the
+        # GET and around the body), so attempts multiply: 2 x 2 x 4 = 16 for a read that stalls,
+        # each after READ_TIMEOUT_ENV seconds (8 minutes at the default 30 s). s3fs's loop is
+        # kept for what botocore does not retry: a body cut off mid-read.
+        fs.retries = 1 if probe else 2
         return fs, fs._strip_protocol(url)
     fs, path = fsspec.core.url_to_fs(url)
     if protocol in ("file", "local"):
@@ -130,10 +170,12 @@ class Store:
 
     # --- reads -----------------------------------------------------------------------------
 
+    @_named
     @transient_retry
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    @_named
     @transient_retry
     def read_bytes(self, rel: str) -> bytes:
         try:
@@ -144,6 +186,7 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
+    @_named
     def open_input(self, rel: str, block_size: int = 8 << 20) -> IO[bytes]:
         """A seekable binary reader; large reads stream instead of loading the object.
 
@@ -155,6 +198,27 @@ class Store:
         except FileNotFoundError:
             raise FileNotFoundError(f"not found: {self.uri(rel)}") from None
 
+    @_named
+    def open_checked(self, rel: str, size: int, sha256: str, block_size: int = 8 << 20) -> IO[bytes]:
+        """`open_input` for an object whose size and sha256 a manifest recorded.
+
+        The size is checked at once (the open already asked the store for it); the sha256 when
+        a sequential read reaches the end, at the cost of hashing what is read anyway. Either
+        mismatch raises `IntegrityError` naming the object. A reader that stops early, or
+        seeks, gets the size check only.
+        """
+        f = self.open_input(rel, block_size)
+        found = getattr(f, "size", None)
+        found = int(found) if found is not None else self.size(rel)
+        if found != size:
+            f.close()
+            raise IntegrityError(
+                f"{self.uri(rel)} is {found} bytes, its manifest says {size}: it changed after it was "
+                "committed (`blt-data registry verify` checks every part)"
+            )
+        return _CheckedReader(f, self.uri(rel), size, sha256)
+
+    @_named
     @transient_retry
     def list(self, rel: str = "", *, detail: bool = False) -> list:
         """Direct children of a folder (names relative to the store root); [] if absent."""
@@ -170,6 +234,7 @@ class Store:
             items.append({**e, "name": name} if detail else name)
         return items
 
+    @_named
     @transient_retry
     def find(self, rel: str = "") -> list[str]:
         try:
@@ -177,6 +242,7 @@ class Store:
         except FileNotFoundError:
             return []
 
+    @_named
     @transient_retry
     def find_detail(self, rel: str = "") -> list[tuple[str, int, float]]:
         """(path, bytes, modified as Unix seconds) of every published file below `rel`."""
@@ -195,6 +261,7 @@ class Store:
             out.append((name, int(info.get("size") or 0), float(modified or 0)))
         return sorted(out)
 
+    @_named
     @transient_retry
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
@@ -211,6 +278,7 @@ class Store:
 
     # --- writes ----------------------------------------------------------------------------
 
+    @_named
     @transient_retry
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Publish a whole object at once (overwrites)."""
@@ -253,16 +321,18 @@ class Store:
             if self.is_local:
                 os.replace(tmp, target)
             else:
-                self._upload(tmp, target)
+                self._upload(rel, tmp)
         finally:
             raw.close()
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    @_named
     @transient_retry
-    def _upload(self, local_path: str, target: str) -> None:
-        self.fs.put_file(local_path, target)
+    def _upload(self, rel: str, local_path: str) -> None:
+        self.fs.put_file(local_path, self.path(rel))
 
+    @_named
     @transient_retry
     def put_if_absent(self, rel: str, data: bytes) -> bool:
         """Create the object only if nothing is there; True if this call created it.
@@ -291,6 +361,7 @@ class Store:
                 return False
             raise
 
+    @_named
     @transient_retry
     def delete(self, rel: str, recursive: bool = False) -> None:
         try:
@@ -366,3 +437,62 @@ class HashingWriter(io.RawIOBase):
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
+
+
+class _CheckedReader(io.RawIOBase):
+    """Reads through to ``raw``, hashing sequential reads; at the end compares size and sha256."""
+
+    def __init__(self, raw: IO[bytes], uri: str, size: int, sha256: str):
+        self.raw, self.uri, self.size, self.sha256 = raw, uri, size, sha256
+        self._hash: Any = hashlib.sha256()  # None once a seek makes the hash meaningless
+        self.nbytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        try:
+            data = self.raw.read(n)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri} disappeared while it was read") from None
+        except OSError as e:  # what the store's retries gave up on: name the object
+            raise StoreError(f"cannot read {self.uri}: {type(e).__name__}: {_clean(e)}") from None
+        if self._hash is not None:
+            if data:
+                self._hash.update(data)
+                self.nbytes += len(data)
+                if self.nbytes > self.size:
+                    self._mismatch(f"holds more than the {self.size} bytes its manifest says")
+            elif n != 0:
+                self._at_end()
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._hash = None  # not a sequential read any more: only the size was checked
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+    def _at_end(self) -> None:
+        if self.nbytes != self.size:
+            self._mismatch(f"ended after {self.nbytes} of the {self.size} bytes its manifest says")
+        found = self._hash.hexdigest()
+        if found != self.sha256:
+            self._mismatch(f"has sha256 {found[:12]}…, its manifest says {self.sha256[:12]}…")
+        self._hash = None  # checked; later reads at the end return b"" again without a second check
+
+    def _mismatch(self, what: str) -> None:
+        raise IntegrityError(f"{self.uri} {what}: it changed after it was committed (`blt-data registry verify` checks every part)")

@@ -91,7 +91,9 @@ def verify_patches(registry: Registry, manifest: Manifest) -> list[str]:
         pl = table.column("patch_lengths").combine_chunks()
         values = pl.values.to_numpy(zero_copy_only=False).astype(np.int64)
         offsets = pl.offsets.to_numpy()
-        sums = np.add.reduceat(values, offsets[:-1]) if values.size else np.zeros(len(lengths), np.int64)
+        # One zero past the values: an empty last row starts there (reduceat needs a valid index).
+        padded = np.append(values, 0)
+        sums = np.add.reduceat(padded, offsets[:-1]) if len(offsets) > 1 else np.zeros(0, np.int64)
         sums[offsets[:-1] == offsets[1:]] = 0  # reduceat gives the next value for an empty list
         if values.size and values.min() < 1:
             problems.append(f"{part.path}: a patch length < 1")

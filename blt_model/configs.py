@@ -8,6 +8,7 @@ key, never a warning.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Sequence, TypeVar, get_args
 
@@ -38,6 +39,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"config file {path} nests too deep to read") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -80,6 +85,8 @@ def apply_override(data: dict[str, Any], cls: type[BaseModel], override: str) ->
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key}: the value nests too deep to read") from None
     node = data
     for part in dotted[:-1]:
         child = node.get(part)
@@ -101,7 +108,8 @@ def build_config(
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
-            + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else "")
+            # reprlib: an input can be huge (or a YAML alias bomb, shared references nested deep).
+            + (f" (got {reprlib.repr(err['input'])})" if err["type"] != "extra_forbidden" else "")
             for err in e.errors()
         )
         raise ConfigError(f"invalid {cls.__name__}: {problems}") from None

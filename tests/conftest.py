@@ -10,6 +10,7 @@ import os
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 # Dummy credentials, set before anything imports botocore. A distinctive secret lets tests check
 # that it never appears in output.
@@ -21,6 +22,17 @@ os.environ.update(
     AWS_EC2_METADATA_DISABLED="true",
     RAY_AUTH_MODE="disabled",
 )
+
+# Property-based fuzzing (issue 14). "ci", the default: derandomised (the same examples on every
+# run and machine) with a fixed budget, so the fuzz set stays under ~2 minutes. "fuzz"
+# (HYPOTHESIS_PROFILE=fuzz, `make fuzz`): random seeds, many more examples, failures remembered in
+# .hypothesis/ so a rerun tries them first.
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, database=None,
+                          print_blob=True, suppress_health_check=_FUZZ_HEALTH)
+settings.register_profile("fuzz", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=_FUZZ_HEALTH)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ empty documents) occurs many times.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -367,7 +368,12 @@ def test_refusals_are_clear(local_reg):
     other = commit_patches(reg, name="odd", job="job2")
     sink = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata({**meta, "blt.format_version": "99", "blt.dataset": "odd", "blt.job_id": "job2"}), sink)
-    reg.store.write_bytes(reg.part_path(other, other.parts[0]), sink.getvalue().to_pybytes())
+    data = sink.getvalue().to_pybytes()
+    reg.store.write_bytes(reg.part_path(other, other.parts[0]), data)
+    # The manifest records the new part's size and hash, as its writer would have (the reader checks the size).
+    fixed = other.parts[0].model_copy(update={"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    other = other.model_copy(update={"parts": [fixed, *other.parts[1:]]})
+    reg.store.write_bytes(reg.manifest_path("odd", other.version), other.model_dump_json().encode())
     with pytest.raises(ReaderError, match="is format 'patches' version '99'; this reader reads 'patches' version 1"):
         take(Reader(config(dataset="odd", block_documents=1000), reg))
 
