@@ -66,13 +66,14 @@ from blt_data.reader import Reader
 from blt_data.registry import Manifest, Registry
 from blt_data.shuffle import chunk_parts, shuffle_documents
 from blt_data.storage import Store
+from blt_data.tokens import IGNORE_INDEX
 from blt_model.blt import BLT, byte_loss
 from blt_model.distributed import Distributed
 from blt_model.entropy_model import EntropyModel
 from blt_model.entropy_registry import load_default_entropy_model, load_registered_entropy_model
 from blt_model.train import TrainConfig, build_train_config, plan_job, train
 from blt_model.train_entropy import (
-    IGNORE, TrainEntropyConfig, build_train_entropy_config, document_texts, evaluate_bpb, next_byte_loss,
+    TrainEntropyConfig, build_train_entropy_config, document_texts, evaluate_bpb, next_byte_loss,
     plan_job as plan_entropy_job, train_entropy, validation_rows,
 )
 from pipelines.patch_job import PatchJobConfig, plan_patch_job, run_patch_job
@@ -176,7 +177,7 @@ def entropy_val_bpb(reg: Registry, shuffled: Manifest, ecfg: TrainEntropyConfig,
     """(bits per byte, bytes) of `model` on the first `eval_bytes` of val, as train-entropy measures it."""
     rows = validation_rows(document_texts(reg, shuffled, "val"), ecfg.row_len, ecfg.eval_bytes)
     bpb = evaluate_bpb(model.eval(), rows, ecfg.batch_rows, Distributed(0, 1, torch.device("cpu")), ecfg)
-    return bpb, int((rows.targets != IGNORE).sum())
+    return bpb, int((rows.targets != IGNORE_INDEX).sum())
 
 
 # --- time estimate ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from blt_data.tokens import IGNORE_INDEX
 from blt_model.layers import (
     AttentionMask,
     RMSNorm,
@@ -57,7 +58,6 @@ from blt_model.layers import (
 )
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets" / "blt"  # package data: works installed
-IGNORE_INDEX = -100
 # Meta's hash n-gram primes (`bytelatent.model.blt.primes`): hash function f uses HASH_PRIMES[f].
 HASH_PRIMES = (
     1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899,

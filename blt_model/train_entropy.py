@@ -44,7 +44,7 @@ from blt_data.documents import iter_lines
 from blt_data.entropy import document_tokens
 from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
-from blt_data.tokens import BYTE_OFFSET
+from blt_data.tokens import BYTE_OFFSET, IGNORE_INDEX
 from blt_model.configs import build_config, preset_file
 from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "presets" / "entropy"  # package data: works installed
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
-IGNORE = -1  # target of pad tokens (validation rows only)
 
 
 class TrainEntropyConfig(OptimFields):
@@ -93,7 +92,7 @@ def build_train_entropy_config(path: str | None, overrides: list[str]) -> TrainE
 
 @dataclass
 class Rows:
-    """(R, S) int64 arrays: inputs, targets (IGNORE on pads), doc ids, positions."""
+    """(R, S) int64 arrays: inputs, targets (IGNORE_INDEX on pads), doc ids, positions."""
 
     tokens: np.ndarray
     targets: np.ndarray
@@ -120,7 +119,7 @@ def document_texts(registry: Registry, manifest: Manifest, split: str, start: in
 def _empty_rows(num_rows: int, row_len: int) -> Rows:
     return Rows(
         tokens=np.zeros((num_rows, row_len), np.int64),
-        targets=np.full((num_rows, row_len), IGNORE, np.int64),
+        targets=np.full((num_rows, row_len), IGNORE_INDEX, np.int64),
         doc_ids=np.full((num_rows, row_len), -1, np.int64),
         # Pads keep increasing positions so they attend among themselves, never to nothing.
         positions=np.tile(np.arange(row_len, dtype=np.int64), (num_rows, 1)),
@@ -166,7 +165,7 @@ def training_rows(
 
 def validation_rows(texts: Iterator[bytes], row_len: int, max_bytes: int) -> Rows:
     """The first `max_bytes` bytes of `texts` (whole documents, the last one cut), packed once;
-    the last row's tail is padded with IGNORE targets."""
+    the last row's tail is padded with IGNORE_INDEX targets."""
     taken, left = [], max_bytes
     for text in texts:
         if left <= 0:
@@ -184,7 +183,7 @@ def validation_rows(texts: Iterator[bytes], row_len: int, max_bytes: int) -> Row
     # The stream wrapped into a second epoch to fill the last row: turn that tail into pads.
     tail = slice(num_tokens, None)
     flat = [a.reshape(-1) for a in (out.tokens, out.targets, out.doc_ids, out.positions)]
-    flat[0][tail], flat[1][tail], flat[2][tail] = 0, IGNORE, -1
+    flat[0][tail], flat[1][tail], flat[2][tail] = 0, IGNORE_INDEX, -1
     flat[3][tail] = np.arange(flat[3][tail].size)
     return out
 
@@ -202,11 +201,11 @@ def _autocast(device: torch.device, cfg: TrainEntropyConfig):
 
 
 def next_byte_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy (nats) of the targets; pads (IGNORE) do not count."""
+    """Cross-entropy (nats) of the targets; pads (IGNORE_INDEX) do not count."""
     tokens, targets, doc_ids, positions = batch
     logits = model(tokens, doc_ids, positions)
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
     )
 
 
@@ -223,7 +222,7 @@ def evaluate_bpb(model, rows: Rows, batch_rows: int, env: Distributed, cfg: Trai
         batch = part.to(env.device)
         with _autocast(env.device, cfg):
             totals[0] += next_byte_loss(model, batch, reduction="sum").double()
-        totals[1] += int((part.targets != IGNORE).sum())
+        totals[1] += int((part.targets != IGNORE_INDEX).sum())
     if env.world_size > 1:
         dist.all_reduce(totals)
     model.train(was_training)
