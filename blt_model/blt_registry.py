@@ -210,3 +210,11 @@ def export_blt(registry: Registry, ref: str, fmt: str, out_url: str) -> list[str
         return write_hf_folder(out_url, config, state_dict, entropy, patching)
     return write_meta_hub_folder(out_url, config, state_dict, entropy, patching, name=manifest.name)
 
+
+def load_trained_blt(registry: Registry, ref: str, device: str | torch.device = "cpu") -> tuple[BLT, Manifest]:
+    """A registered `blt-checkpoint`, trained here (DCP, resharded) or imported (safetensors),
+    as a plain fp32 BLT in one process."""
+    manifest = registry.resolve(ref, area="models", kind="blt-checkpoint")
+    model = BLT(checkpoint_config(manifest))
+    load_blt_weights(registry, manifest, model)
+    return model.to(device).eval(), manifest

@@ -49,7 +49,7 @@ from blt_data.registry import Registry
 from blt_data.tokens import BOS_ID, BYTE_OFFSET
 from blt_model.blt_registry import load_checkpoint_patcher
 from blt_model.entropy_model import EntropyModel, EntropyStream
-from blt_model.train import load_trained_blt
+from blt_model.blt_registry import load_trained_blt
 
 # Token ids whose byte is a word byte under `space` (the rows of WORD_BYTES, offset to ids).
 _WORD_IDS = np.flatnonzero(WORD_BYTES) + BYTE_OFFSET

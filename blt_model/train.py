@@ -37,10 +37,10 @@ import yaml
 from pydantic import ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.reader import Batch, Reader, ReaderConfig, build_val_reader, empty_batch, merge_states
+from blt_data.reader import Reader, ReaderConfig, build_val_reader, empty_batch, merge_states
 from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, PartInfo, Registry, job_hash
-from blt_model.blt import BLT, BLTConfig, byte_loss, load_blt_preset
+from blt_model.blt import BLT, BLTConfig, load_blt_preset
 from blt_model.blt_registry import checkpoint_config, load_blt_weights
 from blt_model.checkpoint import (
     checkpoint_files,
@@ -53,6 +53,7 @@ from blt_model.checkpoint import (
 )
 from blt_model.configs import build_config, preset_file
 from blt_model.distributed import Distributed, TrainingError, init_distributed  # noqa: F401  (TrainingError: re-exported)
+from blt_model.evaluate import close_batches, forward_loss, next_batch, reader_bpb
 from blt_model.optim import OptimFields
 from blt_model.parallelize import ParallelConfig, parallelize_blt
 
@@ -188,59 +189,12 @@ def _peak_flops(env: Distributed, cfg: TrainConfig) -> float | None:
     return None
 
 
-def _forward_loss(model, batch: Batch, env: Distributed, autocast: bool) -> tuple[torch.Tensor, float, int]:
-    tokens, targets = batch["tokens"].to(env.device), batch["targets"].to(env.device)
-    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(tokens, batch["patch_lengths"].to(env.device), batch["doc_ids"].to(env.device))
-    loss, nats, count = byte_loss(logits, targets)
-    return loss, float(nats), int(count)
-
-
-def next_batch(batches, env: Distributed) -> tuple[Batch | None, dict | None, bool]:
-    """(batch, state, any rank has data). Ranks must run the same number of forwards (FSDP
-    gathers weights collectively), so a rank whose finite pass has ended gets an all-pad batch
-    while others still have data, and everyone stops together when all are done."""
-    try:
-        batch, state = next(batches)
-    except StopIteration:
-        batch, state = None, None
-    ranks_with_data = env.all_sum([0.0 if batch is None else 1.0])[0]
-    return batch, state, ranks_with_data > 0
-
-
-@torch.no_grad()
-def reader_bpb(model, reader: Reader, env: Distributed, autocast: bool, max_batches: int | None) -> tuple[float | None, int]:
-    """(bits per byte, targets counted) over what `reader` yields (at most `max_batches` batches
-    per rank), summed over ranks; bits per byte is None when there are no targets."""
-    batches = iter(reader)
-    was_training = model.training
-    model.eval()
-    nats = count = 0.0
-    done = 0
-    while max_batches is None or done < max_batches:
-        batch, _, any_left = next_batch(batches, env)
-        if not any_left:
-            break
-        _, n, c = _forward_loss(model, batch or empty_batch(reader.cfg.batch_size, reader.cfg.seq_len), env, autocast)
-        nats, count, done = nats + n, count + c, done + 1
-    _close(batches)
-    nats, count = env.all_sum([nats, count])
-    model.train(was_training)
-    return (nats / count / math.log(2) if count else None), int(count)
-
-
 def evaluate_bpb(model, registry: Registry, data: Manifest, cfg: TrainConfig, env: Distributed, max_batches: int | None) -> float | None:
     """Bits per byte over the `val` split of `data`, sharded over ranks; None without a val split."""
     if not data.parts_of("val"):
         return None
     reader = build_val_reader(cfg.data, registry, env.rank, env.world_size)
     return reader_bpb(model, reader, env, _bf16(env, cfg) and env.world_size == 1, max_batches)[0]
-
-
-def _close(batches) -> None:
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()
 
 
 def build_model(cfg: TrainConfig, env: Distributed, registry: Registry | None = None, init: Manifest | None = None) -> BLT:
@@ -340,7 +294,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
                 documents_log.write("".join(f"{step}\t{d}\n" for d in batch["documents"]))
             if env.world_size > 1:
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            loss, n, c = _forward_loss(model, batch, env, autocast)
+            loss, n, c = forward_loss(model, batch, env, autocast)
             (loss / cfg.grad_accum).backward()
             nats, count = nats + n, count + c
             n_bytes, n_patches = n_bytes + batch["n_bytes"], n_patches + batch["n_patches"]
@@ -381,7 +335,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
             checkpoint()
     bar.close()
-    _close(batches)
+    close_batches(batches)
     if documents_log is not None:
         documents_log.close()
 
@@ -429,12 +383,3 @@ def register_checkpoint(registry: Registry, cfg: TrainConfig, data: Manifest, jo
     parents = [data.ref] + ([init.ref] if init is not None else [])  # the data first: generate/eval read parents[0]
     manifest = Manifest(name=cfg.name, kind="blt-checkpoint", job_id=job_id, parents=parents, params=params, parts=parts)
     return registry.commit(manifest)
-
-
-def load_trained_blt(registry: Registry, ref: str, device: str | torch.device = "cpu") -> tuple[BLT, Manifest]:
-    """A registered `blt-checkpoint`, trained here (DCP, resharded) or imported (safetensors),
-    as a plain fp32 BLT in one process."""
-    manifest = registry.resolve(ref, area="models", kind="blt-checkpoint")
-    model = BLT(checkpoint_config(manifest))
-    load_blt_weights(registry, manifest, model)
-    return model.to(device).eval(), manifest

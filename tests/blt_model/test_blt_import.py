@@ -26,7 +26,7 @@ from blt_model.blt_registry import checkpoint_state_dict, import_blt
 from blt_model.entropy_model import import_official_entropy_model
 from blt_model.entropy_registry import load_registered_entropy_model
 from blt_model.interop import InteropError, meta_args_from_config
-from blt_model.train import load_trained_blt
+from blt_model.blt_registry import load_trained_blt
 from tests.blt_model.test_entropy_model import official_params, official_state_dict, write_official
 
 transformers = pytest.importorskip("transformers")

@@ -245,7 +245,7 @@ def test_trained_checkpoint_exports_to_transformers(data, tmp_path):
     pytest.importorskip("transformers")
     from transformers import BltForCausalLM
 
-    from blt_model.train import load_trained_blt
+    from blt_model.blt_registry import load_trained_blt
     from tests.blt_model.test_blt_oracle import document, hf_logits, ours_logits
 
     store, _ = data
