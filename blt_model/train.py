@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
@@ -56,6 +56,7 @@ from blt_model.distributed import Distributed, TrainingError, init_distributed  
 from blt_model.evaluate import close_batches, forward_loss, next_batch, reader_bpb
 from blt_model.optim import OptimFields
 from blt_model.parallelize import ParallelConfig, parallelize_blt
+from blt_model.run import RunFields
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets" / "train"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-class TrainConfig(OptimFields):
+class TrainConfig(OptimFields, RunFields):
     """Fields marked EXECUTION change how a run executes, not the weights it ends with: they stay
     out of the job id, so the same job resumes on another machine, world size or cadence."""
 
@@ -80,18 +81,10 @@ class TrainConfig(OptimFields):
     )
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="compile, checkpointing, FSDP2", json_schema_extra=EXECUTION)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    eval_every: int = Field(0, ge=0, description="steps between validations; 0 = at the end only", json_schema_extra=EXECUTION)
     eval_batches: int = Field(20, gt=0, description="val batches per rank per validation (from the split's start)")
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at stops only", json_schema_extra=EXECUTION)
-    log_every: int = Field(10, gt=0, description="steps between metrics lines", json_schema_extra=EXECUTION)
-    seed: int = Field(0, description="seeds the model initialisation")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available", json_schema_extra=EXECUTION)
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on cuda, fp32 on cpu")
     dump_dir: str | None = Field(None, description="local folder for metrics.jsonl and config.yaml; default runs/<name>", json_schema_extra=EXECUTION)
-    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process", json_schema_extra=EXECUTION)
     log_documents: bool = Field(False, description="write the ids of the documents each rank reads to dump_dir (audits)", json_schema_extra=EXECUTION)
     peak_tflops: float | None = Field(None, gt=0, description="accelerator peak for MFU; default: known GPUs only", json_schema_extra=EXECUTION)
-    progress: bool = Field(True, description="show a progress bar on rank 0", json_schema_extra=EXECUTION)
 
     @model_validator(mode="before")
     @classmethod

@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
 from blt_model.entropy_registry import register_entropy_model
 from blt_model.optim import OptimFields
+from blt_model.run import RunFields
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 
 
-class TrainEntropyConfig(OptimFields):
+class TrainEntropyConfig(OptimFields, RunFields):
     """Fields marked EXECUTION change how a run executes, not the weights it ends with: they stay
     out of the job id."""
 
@@ -67,15 +68,11 @@ class TrainEntropyConfig(OptimFields):
     model: EntropyModelConfig = Field(default_factory=EntropyModelConfig, description="model shape")
     batch_rows: int = Field(8, gt=0, description="rows per step on each rank")
     row_len: int = Field(2048, ge=2, description="tokens per training row")
-    eval_every: int = Field(200, ge=0, description="steps between val evaluations; 0 = at the end only", json_schema_extra=EXECUTION)
+    # Cadences on by default here (RunFields: off): an entropy model trains for many cheap steps.
+    eval_every: int = Field(200, ge=0, description="steps between validations; 0 = at the end only", json_schema_extra=EXECUTION)
     eval_bytes: int = Field(1_000_000, gt=0, description="val bytes per evaluation (first of the split)")
     holdout_docs: int = Field(200, gt=0, description="train docs held out as val when there is no val split")
     checkpoint_every: int = Field(200, ge=0, description="steps between checkpoints; 0 = at stops only", json_schema_extra=EXECUTION)
-    log_every: int = Field(10, gt=0, description="steps between progress updates", json_schema_extra=EXECUTION)
-    seed: int = Field(0, description="seeds the model initialisation")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available", json_schema_extra=EXECUTION)
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
-    max_steps_this_run: int | None = Field(None, gt=0, description="stop (with a checkpoint) after this many steps in this process", json_schema_extra=EXECUTION)
 
 
 def preset_path(name_or_path: str) -> str:
@@ -278,9 +275,10 @@ def train_entropy(
     docs_ref: str,
     name: str,
     cfg: TrainEntropyConfig,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> TrainEntropyResult:
-    """Train (or resume, or find already registered) the entropy model `name` on `docs_ref`."""
+    """Train (or resume, or find already registered) the entropy model `name` on `docs_ref`.
+    `progress`, when given, overrides `cfg.progress`."""
     docs, job_id = plan_job(registry, docs_ref, name, cfg)
     done = registry.find_job(name, job_id, area="models")
     if done is not None:
@@ -338,7 +336,7 @@ def train_entropy(
             dist.barrier()
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train-entropy {name}", unit="step",
-               disable=not (progress and env.is_main), dynamic_ncols=True)
+               disable=not ((cfg.progress if progress is None else progress) and env.is_main), dynamic_ncols=True)
     val_bpb = history[-1]["val_bpb"] if history else None
     timer, timed_bytes = time.perf_counter(), 0
     while step < stop_at:
