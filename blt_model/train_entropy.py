@@ -45,6 +45,7 @@ from blt_data.entropy import document_tokens
 from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
 from blt_data.tokens import BYTE_OFFSET, IGNORE_INDEX
+from blt_model.blt import bits_per_byte, byte_loss
 from blt_model.configs import build_config, preset_file
 from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
@@ -208,22 +209,23 @@ def next_byte_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], redu
 
 @torch.no_grad()
 def evaluate_bpb(model, rows: Rows, batch_rows: int, env: Distributed, cfg: TrainEntropyConfig) -> float:
-    """Bits per byte on validation rows; ranks split the rows and sum."""
+    """Bits per byte on validation rows; ranks split the rows and sum nats and target counts
+    (`byte_loss`, `bits_per_byte`), as the BLT's validation does (`evaluate.reader_bpb`)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=env.device)
+    nats = count = 0.0
     mine = np.arange(env.rank, len(rows.tokens), env.world_size)
     for i in range(0, len(mine), batch_rows):
         pick = mine[i : i + batch_rows]
         part = Rows(rows.tokens[pick], rows.targets[pick], rows.doc_ids[pick], rows.positions[pick])
-        batch = part.to(env.device)
+        tokens, targets, doc_ids, positions = part.to(env.device)
         with _autocast(env.device, cfg):
-            totals[0] += next_byte_loss(model, batch, reduction="sum").double()
-        totals[1] += int((part.targets != IGNORE_INDEX).sum())
-    if env.world_size > 1:
-        dist.all_reduce(totals)
+            logits = model(tokens, doc_ids, positions)
+        _, n, c = byte_loss(logits, targets)
+        nats, count = nats + float(n), count + int(c)
+    nats, count = env.all_sum([nats, count])
     model.train(was_training)
-    return float(totals[0] / totals[1] / math.log(2))
+    return bits_per_byte(nats, count)
 
 
 # --- checkpoints ------------------------------------------------------------------------------

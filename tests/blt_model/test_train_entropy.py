@@ -19,15 +19,19 @@ from blt_data.shuffle import shuffle_documents
 from blt_data.storage import Store
 from blt_data.verify import verify
 from blt_model.configs import ConfigError
+from blt_model.distributed import Distributed
+from blt_model.entropy_model import EntropyModel
 from blt_model.entropy_registry import load_entropy_model_ref, load_registered_entropy_model
 from blt_model.train_entropy import (
     CHECKPOINT_FILE,
     PRESET_DIR,
     TrainingError,
     build_train_entropy_config,
+    evaluate_bpb,
     learning_rate,
     train_entropy,
     training_rows,
+    validation_rows,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,6 +98,26 @@ def test_training_rows_resume_from_any_cursor():
             assert cursor == again_cursor
             for field in ("tokens", "targets", "doc_ids", "positions"):
                 assert np.array_equal(getattr(row, field), getattr(again, field))
+
+
+def test_validation_bits_per_byte_count_every_byte_once_and_no_pad():
+    """The validation loop (shared summing with the BLT's) against log-softmax by hand, row by row."""
+    cfg = debug_config("row_len=64", "device=cpu")
+    texts = [bytes(range(32, 32 + n)) for n in (50, 7, 90, 1, 33)]
+    rows = validation_rows(iter(texts), cfg.row_len, max_bytes=150)  # the 3rd text is cut, the rest is pad
+    torch.manual_seed(0)
+    model = EntropyModel(cfg.model)
+    bpb = evaluate_bpb(model, rows, 2, Distributed(0, 1, torch.device("cpu")), cfg)
+    nats = 0.0
+    with torch.no_grad():
+        for r in range(len(rows.tokens)):
+            one = [torch.from_numpy(a[r : r + 1]) for a in (rows.tokens, rows.targets, rows.doc_ids, rows.positions)]
+            logp = torch.log_softmax(model(one[0], one[2], one[3]).double(), -1)[0]
+            for t, target in enumerate(one[1][0].tolist()):
+                if target >= 0:
+                    nats -= float(logp[t, target])
+    assert int((rows.targets >= 0).sum()) == 150
+    assert bpb == pytest.approx(nats / np.log(2) / 150, rel=1e-5)
 
 
 def test_train_register_load_round_trip(store_url):
