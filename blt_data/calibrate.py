@@ -23,7 +23,7 @@ sample and the arguments. Which documents form the sample is the caller's choice
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,6 +74,21 @@ def calibrated(
     # Whoever stored it first wins: a concurrent run may have scored with other float noise.
     calibration = Calibration.model_validate_json(store.read_bytes(rel))
     return rule.with_threshold(calibration.threshold), calibration
+
+
+def head_sample(sources: Iterable[Iterable[np.ndarray]], share: int) -> list[np.ndarray]:
+    """Up to `share` entropy values from the head of each source (its documents' entropies in
+    order, the last one taken cut), for calibrating on stored entropies (repatch, import)."""
+    sample: list[np.ndarray] = []
+    for documents in sources:
+        left = share
+        for e in documents:
+            if left <= 0:
+                break
+            if len(e):
+                sample.append(np.asarray(e)[:left])
+                left -= len(e)
+    return sample
 
 
 def calibrate_threshold(

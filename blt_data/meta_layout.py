@@ -38,7 +38,7 @@ import logging
 import posixpath
 import re
 from contextlib import ExitStack
-from typing import Iterator, Literal, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -48,9 +48,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.calibrate import calibrated
+from blt_data.calibrate import calibrated, head_sample
 from blt_data.documents import PartWriter, encode_line, quarantine_record
 from blt_data.documents import part_name as documents_part_name
+from blt_data.patch_units import read_records
 from blt_data.patches import (
     arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part, write_part,
 )
@@ -615,15 +616,6 @@ class ShardRecord(BaseModel):
     duplicate_id_examples: list[str] = Field(default_factory=list)
 
 
-def _load_records(store: Store, job_dir: str) -> dict[int, ShardRecord]:
-    records = {}
-    for rel in store.list(f"{job_dir}/_done"):
-        if rel.endswith(".json"):
-            record = ShardRecord.model_validate_json(store.read_bytes(rel))
-            records[record.unit] = record
-    return records
-
-
 def _import_shard(
     registry: Registry, src: Store, unit: int, path: str, job_id: str, cfg: MetaImportConfig, patch: PatchRule, seen: set[int],
 ) -> ShardRecord:
@@ -712,7 +704,7 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
     job_dir = registry.job_dir(cfg.name, job_id)
     patch, calibration = calibrated(registry.store, job_dir, cfg.rule, lambda: _calibration_sample(src, shards, cfg.rule))
 
-    records = _load_records(registry.store, job_dir)
+    records = read_records(registry.store, job_dir, ShardRecord)
     seen: set[int] = set()  # hashes of the ids so far: 8 bytes and a set slot per document
     for unit in sorted(records):  # resumed: the ids of the shards done are taken already
         for part in records[unit].parts:
@@ -754,20 +746,12 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
     return registry.commit(manifest)
 
 
+def _shard_entropies(src: Store, path: str) -> Iterator[np.ndarray]:
+    for batch in read_shard(src, path, []):
+        yield from from_meta_batch(batch).entropies.to_numpy(zero_copy_only=False)
+
+
 def _calibration_sample(src: Store, shards: list[tuple[str, int]], rule: PatchRule) -> list[np.ndarray]:
     """Entropies to calibrate a target patch size on: the head of every shard (an equal share each)."""
     share = max(1, rule.calibration_bytes // len(shards))
-    sample: list[np.ndarray] = []
-    for path, _ in shards:
-        left = share
-        for batch in read_shard(src, path, []):
-            rows = from_meta_batch(batch)
-            for e in rows.entropies.to_numpy(zero_copy_only=False):
-                if left <= 0:
-                    break
-                if len(e):
-                    sample.append(np.asarray(e)[:left])
-                    left -= len(e)
-            if left <= 0:
-                break
-    return sample
+    return head_sample((_shard_entropies(src, path) for path, _ in shards), share)

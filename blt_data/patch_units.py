@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,8 @@ from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, PartInfo, Registry
 from blt_data.stats import DatasetStats
 from blt_data.storage import Store
+
+R = TypeVar("R", bound=BaseModel)
 
 # texts -> one float array of per-byte entropies (nats) per text, in order.
 ScoreFn = Callable[[list[str]], Iterable[np.ndarray]]
@@ -172,11 +174,16 @@ def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None) 
 
 
 def load_records(store: Store, spec: UnitSpec) -> dict[int, UnitRecord]:
-    """Completion records found in the job folder (one listing, then one read each)."""
+    return read_records(store, spec.job_dir, UnitRecord)
+
+
+def read_records(store: Store, job_dir: str, model: type[R]) -> dict[int, R]:
+    """Completion records (any model with a `unit` field) found in a job folder's `_done/`, by
+    unit: one listing, then one read each."""
     records = {}
-    for rel in store.list(f"{spec.job_dir}/_done"):
+    for rel in store.list(f"{job_dir}/_done"):
         if rel.endswith(".json"):
-            record = UnitRecord.model_validate_json(store.read_bytes(rel))
+            record = model.model_validate_json(store.read_bytes(rel))
             records[record.unit] = record
     return records
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 
+from typing import Iterator
+
 import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.calibrate import calibrated
+from blt_data.calibrate import calibrated, head_sample
 from blt_data.jobs import output_fields
 from blt_data.patch_units import UnitRecord, UnitSpec, commit_patches, load_records, record_path
 from blt_data.patches import build_table, has_entropies, has_eos_entropy, part_name, read_part, write_part
@@ -53,23 +55,16 @@ class RepatchConfig(BaseModel):
         return self
 
 
+def _part_entropies(registry: Registry, parent: Manifest, part) -> Iterator[np.ndarray]:
+    with registry.store.open_input(registry.part_path(parent, part)) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=["entropies"]):
+            yield from batch.column(0).to_numpy(zero_copy_only=False)
+
+
 def _sample_entropies(registry: Registry, parent: Manifest, sample_bytes: int) -> list[np.ndarray]:
     """The head of every parent part, an equal share of ``sample_bytes`` each."""
     share = max(1, sample_bytes // max(1, len(parent.parts)))
-    sample = []
-    for part in parent.parts:
-        left = share
-        with registry.store.open_input(registry.part_path(parent, part)) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=["entropies"]):
-                for e in batch.column(0).to_numpy(zero_copy_only=False):
-                    if left <= 0:
-                        break
-                    if len(e):
-                        sample.append(np.asarray(e)[:left])
-                        left -= len(e)
-                if left <= 0:
-                    break
-    return sample
+    return head_sample((_part_entropies(registry, parent, part) for part in parent.parts), share)
 
 
 def repatch(registry: Registry, cfg: RepatchConfig, progress: bool = False) -> Manifest:

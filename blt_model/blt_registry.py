@@ -47,8 +47,9 @@ CONFIG_FILE = "config.json"
 EXPORT_FORMATS = ("hf", "meta")
 
 
-def _write_weights(registry: Registry, rel: str, state_dict: dict[str, torch.Tensor]) -> PartInfo:
-    """model.safetensors at `rel`, streamed into the store through a local temp file."""
+def _write_weights(registry: Registry, rel: str, path_in_manifest: str, state_dict: dict[str, torch.Tensor]) -> PartInfo:
+    """model.safetensors at `rel`, streamed into the store through a local temp file; its part
+    entry names it `path_in_manifest`."""
     fd, tmp = tempfile.mkstemp(prefix="blt-import-", suffix=".safetensors")
     os.close(fd)
     try:
@@ -59,7 +60,7 @@ def _write_weights(registry: Registry, rel: str, state_dict: dict[str, torch.Ten
         size = os.path.getsize(tmp)
     finally:
         os.unlink(tmp)
-    return PartInfo(path="", rows=0, bytes=size, sha256=out.sha256, split="model")
+    return PartInfo(path=path_in_manifest, rows=0, bytes=size, sha256=out.sha256, split="model")
 
 
 def import_blt(
@@ -91,11 +92,11 @@ def import_blt(
     if existing is not None:
         return existing, entropy
     job_dir = registry.job_dir(name, job_id, area="models")
-    weights = _write_weights(registry, f"{job_dir}/{WEIGHTS_FILE}", source.state_dict)
+    weights = _write_weights(registry, f"{job_dir}/{WEIGHTS_FILE}", f"_jobs/{job_id}/{WEIGHTS_FILE}", source.state_dict)
     config_json = source.config.model_dump_json(indent=2).encode()
     registry.store.write_bytes(f"{job_dir}/{CONFIG_FILE}", config_json)
     parts = [
-        weights.model_copy(update={"path": f"_jobs/{job_id}/{WEIGHTS_FILE}"}),
+        weights,
         PartInfo(path=f"_jobs/{job_id}/{CONFIG_FILE}", rows=0, bytes=len(config_json),
                  sha256=hashlib.sha256(config_json).hexdigest(), split="model"),
     ]  # fmt: skip
