@@ -12,6 +12,9 @@ is a pure function of the source. After part k (and its quarantine part) is publ
 completion record ``_done/part-k.json`` stores the source position reached and the part's
 statistics. A rerun of the same job keeps every recorded part, seeks the source to the
 recorded position and goes on from part k+1; the manifest is committed last.
+
+Length: one job with its sources, per-format readers, quarantine and resume records; each part
+is short and they share the job's counters.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ not bytes, so the extra one is scored exactly like the others.
 
 This module does not import `blt_model`: any object satisfying `ScoringModel` can be scored,
 e.g. `blt_model.entropy_model.EntropyModel`.
+
+Length: the packer (carry and re-read modes) and the scoring loop keep one invariant together
+(batch invariance), documented above; apart, each would need the other's layout.
 """
 
 from __future__ import annotations

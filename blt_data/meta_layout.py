@@ -29,6 +29,9 @@ row that cannot be a document is quarantined, a damaged shard is reported with t
 before the damage (which are kept, as ``download`` keeps a damaged file's lines). The unit of an
 import is one shard: its parts, then its completion record ``_jobs/<job-id>/_done/unit-<k>.json``,
 then (after every shard) the manifest; so an import started again redoes only unfinished shards.
+
+Length: one format both ways (the writer, the reader, Meta's rule replayed to check an export,
+and the import job); the two halves share the schema, the naming and the rule.
 """
 
 from __future__ import annotations

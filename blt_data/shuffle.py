@@ -14,6 +14,8 @@ val_docs, memory_bytes, target_part_bytes; numpy's generator streams), so a reru
 byte-identical parts; every input line appears exactly once. The job keeps at most
 ``memory_bytes`` of documents in RAM, except that a single document larger than that becomes a
 run of its own (it has to be held whole to be moved at all).
+
+Length: the two passes of one algorithm and their resumable records.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ is what the registry's commit protocol stands on.
 
 S3 settings come from the standard AWS variables and files (``AWS_ENDPOINT_URL`` for MinIO and
 other S3-compatible stores); nothing here ever formats credentials into a message.
+
+Length: per-backend atomic publish and put-if-absent, retries classified for S3, and reads
+checked against a manifest: one concept, the store.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ everything is causal in bytes: the logits at byte t depend only on bytes <= t of
 (and on the patch lengths). So a document's logits equal Meta's on that document alone, whatever
 it is packed with. All visibility is built once per batch by `BLT.build_masks`; FlexAttention
 on CUDA and masked SDPA (the plain reference path) elsewhere compute the same thing.
+
+Length: the whole model in reading order, as STYLE.md asks ("the full BLT under about 700"); the
+interop mappings live in interop.py.
 """
 
 from __future__ import annotations

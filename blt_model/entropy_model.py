@@ -24,6 +24,10 @@ Hugging Face's patcher is the same function under other names: its RoPE rotates 
 
 Invariant: every loaded tensor is consumed, and shaped as the model expects; anything else is a
 `CheckpointMismatchError` naming the key and the shapes.
+
+Length: the model itself is ~150 lines; the rest is the layouts it loads from (Meta, Meta hub,
+transformers) and the incremental stream. TODO(entropy-layouts): move the layouts beside
+checkpoint_layouts.py.
 """
 
 from __future__ import annotations
