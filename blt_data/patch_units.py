@@ -22,7 +22,6 @@ hands it the scoring function (the entropy model stays outside ``blt_data``).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Callable, Iterable, Iterator, TypeVar
 

@@ -154,13 +154,19 @@ def resolve_init(registry: Registry, cfg: TrainConfig) -> Manifest | None:
     return init
 
 
+def job_config(cfg: TrainConfig) -> dict:
+    """The config as the job id hashes it (and the manifest records it): no execution fields, and
+    no `init_from`, which enters the id as the manifest it resolves to."""
+    return output_fields(cfg, exclude={"init_from"})
+
+
 def plan_job(registry: Registry, cfg: TrainConfig) -> tuple[Manifest, str]:
     """The patches manifest and the job id; fails early on a bad reference, kind or name."""
     data = registry.resolve(cfg.data.dataset, kind="patches")
     registry.dataset_dir(cfg.name, area="models")  # checks the name
     # init_from enters the job id as the manifest it resolves to, not as text, and only when set,
     # so the job ids of runs from scratch do not change.
-    payload = {"step": "blt-train", "data": data.id, "config": output_fields(cfg, exclude={"init_from"})}
+    payload = {"step": "blt-train", "data": data.id, "config": job_config(cfg)}
     init = resolve_init(registry, cfg)
     if init is not None:
         payload["init_from"] = init.id
@@ -362,7 +368,7 @@ def register_checkpoint(registry: Registry, cfg: TrainConfig, data: Manifest, jo
         parts.append(PartInfo(path=rel[len(model_dir) + 1:], rows=0, bytes=size, sha256=sha, split="checkpoint"))
     params = {
         "format": "dcp",
-        "config": output_fields(cfg, exclude={"init_from"}),
+        "config": job_config(cfg),
         "init_from": init.ref if init is not None else None,
         "data": data.id,
         "step": step,

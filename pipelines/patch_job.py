@@ -221,8 +221,9 @@ def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
         name=cfg.name,
         job_id=job_id,
         patch=cfg.rule,
-        keep_entropies=bool(model) and cfg.entropies,
-        keep_eos_entropy=bool(model) and cfg.entropies,
+        # Format 2: the end-of-document entropy is kept whenever the entropies are.
+        keep_entropies=(keep := bool(model) and cfg.entropies),
+        keep_eos_entropy=keep,
     )
     try:
         parts = chunk_parts(docs, cfg.chunks)
