@@ -62,6 +62,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blt_data.download import DownloadConfig, download
+from blt_data.patching import PatchRule
 from blt_data.reader import Reader
 from blt_data.registry import Manifest, Registry
 from blt_data.shuffle import chunk_parts, shuffle_documents
@@ -132,12 +133,12 @@ def entropy_config(cfg: StudyConfig) -> TrainEntropyConfig:
 def patch_config(cfg: StudyConfig, shuffled: Manifest, arm: Arm, model_ref: str | None) -> PatchJobConfig:
     common = dict(docs=shuffled.ref, chunks=cfg.chunks, workers=cfg.workers, local_cpus=os.cpu_count())
     if arm == "entropy":
-        return PatchJobConfig(name=f"{cfg.prefix}-entropy{cfg.target_patch_size:g}", scheme="entropy",
-                              model=model_ref, target_patch_size=cfg.target_patch_size, **common)
+        return PatchJobConfig(name=f"{cfg.prefix}-entropy{cfg.target_patch_size:g}", model=model_ref,
+                              rule=PatchRule(scheme="entropy", target_patch_size=cfg.target_patch_size), **common)
     if arm == "static":
-        return PatchJobConfig(name=f"{cfg.prefix}-static{cfg.static_patch_size}", scheme="static",
-                              patch_size=cfg.static_patch_size, entropies=False, **common)
-    return PatchJobConfig(name=f"{cfg.prefix}-space", scheme="space", entropies=False, **common)
+        return PatchJobConfig(name=f"{cfg.prefix}-static{cfg.static_patch_size}", entropies=False,
+                              rule=PatchRule(scheme="static", patch_size=cfg.static_patch_size), **common)
+    return PatchJobConfig(name=f"{cfg.prefix}-space", rule=PatchRule(scheme="space"), entropies=False, **common)
 
 
 def train_config(cfg: StudyConfig, data: Manifest, arm: Arm, seed: int, steps: int, runs_dir: Path,
