@@ -44,11 +44,10 @@ from blt_model.blt import BLT, BLTConfig, load_blt_preset
 from blt_model.blt_registry import checkpoint_config, load_blt_weights
 from blt_model.checkpoint import (
     checkpoint_files,
-    checkpoint_steps,
+    latest_checkpoint,
     load_checkpoint,
-    rng_state,
+    restore_rng,
     save_checkpoint,
-    set_rng_state,
     step_dir,
 )
 from blt_model.configs import build_config, preset_file
@@ -225,10 +224,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
 
     folder = None
     if resume != "none":
-        folder = resume
-        if folder is None:
-            steps = checkpoint_steps(store, run_dir)
-            folder = step_dir(run_dir, steps[-1]) if steps else None
+        folder = resume if resume is not None else latest_checkpoint(store, run_dir)
     # A run that resumes takes its weights from its own checkpoint, not from init_from.
     init = init_from if folder is None else None
     if env.is_main and init is not None:
@@ -240,10 +236,8 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
         if folder is not None:
             state = load_checkpoint(store, folder, model, optimizer, job_id)
             step, history = state["step"], state.get("history", [])
-            same_world = state["world_size"] == env.world_size
+            same_world = restore_rng(state, env)
             reader_state = state["reader"][env.rank] if same_world else merge_states(state["reader"])
-            if same_world:
-                set_rng_state(state["rng"][env.rank])
             if env.is_main:
                 log.info("resumed %s from %s (step %d, %d -> %d processes)", cfg.name, store.uri(folder), step,
                          state["world_size"], env.world_size)
@@ -263,11 +257,8 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     val_bpb = history[-1]["val_bpb"] if history else None
 
     def checkpoint() -> None:
-        states = env.gather(reader_state)
-        rngs = env.gather(rng_state())
         save_checkpoint(store, run_dir, step, model, optimizer, {
-            "job_id": job_id, "world_size": env.world_size, "reader": states, "rng": rngs,
-            "history": history, "data": data.id,
+            "job_id": job_id, "reader": env.gather(reader_state), "history": history, "data": data.id,
         }, env)
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"blt-train {cfg.name}", unit="step",
