@@ -6,8 +6,8 @@ b_{n-1}, the scorer's convention (`blt_data.entropy.document_tokens`), so the tr
 the scorer's cross-entropy. The stream is cut into rows of `row_len` tokens with per-token
 document ids and positions; attention never crosses documents, and a document that crosses a
 row edge continues in the next row. The stream cycles over epochs; nothing is padded.
-This packer is not `blt_data.packing`'s: that one frames documents BOS .. EOS with patches
-and ends rows at a document, the scorer's rows here have no EOS and carry per-document positions.
+Not `blt_data.packing`'s packer: its BLT framing (BOS, bytes, EOS; patch lengths; no positions)
+would change the loss, which must stay the scorer's (no EOS, positions per document).
 
 Several processes (torchrun, DDP): every rank packs the same global row stream and trains rows
 rank*batch_rows ... of each global batch, so the data position is one global cursor
@@ -20,8 +20,9 @@ cursor, RNG and validation history), under `models/<name>/_jobs/<job-id>/checkpo
 a run with the same job id resumes from the latest. A step's batch is a pure function of the
 cursor and its learning rate of the step, so on CPU a resumed run ends with the same weights, bit
 for bit, as an uninterrupted one. A job folder of an earlier version holds one `checkpoint.pt`
-instead: that job starts again from step 0, with a warning (the file is not read: one checkpoint
-format to keep, and an entropy model is cheap to retrain; `registry gc` removes the file).
+instead: that job starts again from step 0, with a warning. The file is not read, so there is
+one checkpoint format to keep, not two (only a job interrupted under that version loses its
+progress); it stays until `registry gc` removes it with the job's other leftovers.
 
 Invariant: the model becomes visible only when its manifest is committed, last (see
 `blt_model.entropy_registry`).
@@ -294,6 +295,8 @@ def train_entropy(
         step, cursor, history = state["step"], state["cursor"], state["history"]
         if not restore_rng(state, env) and env.is_main:
             log.warning("resuming a %d-process run on %d: same data, different batches per rank", state["world_size"], env.world_size)
+        if env.is_main:
+            log.info("resumed %s from %s (step %d)", name, store.uri(folder), step)
     elif env.is_main and store.exists(f"{job_dir}/{LEGACY_CHECKPOINT}"):
         log.warning("%s is an earlier version's checkpoint, which this version does not read: the job "
                     "starts again from step 0", store.uri(f"{job_dir}/{LEGACY_CHECKPOINT}"))

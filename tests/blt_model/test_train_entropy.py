@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from blt_data.download import DownloadConfig, download
 from blt_data.entropy import score_entropies
-from blt_data.registry import Registry, RegistryError
+from blt_data.registry import Registry, RegistryError, find_garbage
 from blt_data.shuffle import shuffle_documents
 from blt_data.storage import Store
 from blt_data.verify import verify
@@ -176,6 +177,8 @@ def test_an_earlier_versions_checkpoint_restarts_the_job_and_says_so(local_store
     with caplog.at_level("WARNING", logger="blt_model"):
         assert train_entropy(reg, "docs", "em", debug_config(), progress=False).finished
     assert "earlier version" not in caplog.text  # its own checkpoint now: resumed, no warning
+    garbage = find_garbage(reg, older_than_s=0, now=time.time())
+    assert any(legacy in g.files for g in garbage)  # the job is committed: `registry gc` removes the old file
 
 
 def test_without_val_split_holds_out_train_documents(local_store_url):
