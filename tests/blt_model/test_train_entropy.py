@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -223,9 +224,15 @@ def test_torchrun_two_processes_gloo(local_store_url, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cli.blt_data",
            "train-entropy", "docs", "--name", "ddp", "--config", "debug", "--store", local_store_url, "-q"]
+    # Stopped at step 3 (every rank saves its part of the DCP checkpoint), then resumed by both.
+    stopped = subprocess.run([*cmd, "max_steps_this_run=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "stopped at step 3/6" in stopped.stdout, stopped.stdout + stopped.stderr
+    reg = Registry(Store.open(local_store_url))
+    [job] = reg.store.list("models/ddp/_jobs")
+    state = json.loads(reg.store.read_bytes(f"{latest_checkpoint(reg.store, job)}/train_state.json"))
+    assert state["step"] == 3 and state["world_size"] == 2 and len(state["rng"]) == 2
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("ddp@v1 (entropy-model)") == 1  # only rank 0 reports and registers
-    reg = Registry(Store.open(local_store_url))
     m = reg.resolve("ddp", area="models")
     assert m.params["world_size"] == 2 and reg.versions("ddp", "models") == [1]
