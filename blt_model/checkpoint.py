@@ -128,6 +128,14 @@ def latest_checkpoint(store: Store, run_dir: str) -> str | None:
     return step_dir(run_dir, steps[-1]) if steps else None
 
 
+def resume_folder(store: Store, run_dir: str, resume: str | None) -> str | None:
+    """The checkpoint a run starts from: `resume` names a folder (relative to the store), "none"
+    starts over, None takes the job's latest (None when it has none)."""
+    if resume == "none":
+        return None
+    return resume if resume is not None else latest_checkpoint(store, run_dir)
+
+
 def read_train_state(store: Store, folder: str, job_id: str | None = None) -> dict[str, Any]:
     uri = store.uri(folder)
     try:

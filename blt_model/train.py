@@ -44,9 +44,9 @@ from blt_model.blt import BLT, BLTConfig, load_blt_preset
 from blt_model.blt_registry import checkpoint_config, load_blt_weights
 from blt_model.checkpoint import (
     checkpoint_files,
-    latest_checkpoint,
     load_checkpoint,
     restore_rng,
+    resume_folder,
     save_checkpoint,
     step_dir,
 )
@@ -222,9 +222,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     store = registry.store
     dump_dir = Path(cfg.dump_dir or f"runs/{cfg.name}")
 
-    folder = None
-    if resume != "none":
-        folder = resume if resume is not None else latest_checkpoint(store, run_dir)
+    folder = resume_folder(store, run_dir, resume)
     # A run that resumes takes its weights from its own checkpoint, not from init_from.
     init = init_from if folder is None else None
     if env.is_main and init is not None:
@@ -232,15 +230,14 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     model = build_model(cfg, env, registry, init)
     optimizer = cfg.optimizer(model)
     step, reader_state, history = 0, None, []
-    if resume != "none":
-        if folder is not None:
-            state = load_checkpoint(store, folder, model, optimizer, job_id)
-            step, history = state["step"], state.get("history", [])
-            same_world = restore_rng(state, env)
-            reader_state = state["reader"][env.rank] if same_world else merge_states(state["reader"])
-            if env.is_main:
-                log.info("resumed %s from %s (step %d, %d -> %d processes)", cfg.name, store.uri(folder), step,
-                         state["world_size"], env.world_size)
+    if folder is not None:
+        state = load_checkpoint(store, folder, model, optimizer, job_id)
+        step, history = state["step"], state.get("history", [])
+        same_world = restore_rng(state, env)
+        reader_state = state["reader"][env.rank] if same_world else merge_states(state["reader"])
+        if env.is_main:
+            log.info("resumed %s from %s (step %d, %d -> %d processes)", cfg.name, store.uri(folder), step,
+                     state["world_size"], env.world_size)
     if env.is_main:
         dump_dir.mkdir(parents=True, exist_ok=True)
         (dump_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -17,7 +17,8 @@ Resume: the job id hashes the documents manifest and the config's result fields.
 `checkpoint_every` steps and at every stop, all ranks save a checkpoint as the BLT trainer does
 (`blt_model.checkpoint`: DCP model and optimizer, then `train_state.json` with the step, data
 cursor, RNG and validation history), under `models/<name>/_jobs/<job-id>/checkpoints/step-N/`;
-a run with the same job id resumes from the latest. A step's batch is a pure function of the
+a run with the same job id resumes from the latest (or from the folder `resume` names; "none"
+starts over), as the BLT trainer does. A step's batch is a pure function of the
 cursor and its learning rate of the step, so on CPU a resumed run ends with the same weights, bit
 for bit, as an uninterrupted one. A job folder of an earlier version holds one `checkpoint.pt`
 instead: that job starts again from step 0, with a warning. The file is not read, so there is
@@ -49,7 +50,7 @@ from blt_data.documents import iter_lines
 from blt_data.entropy import document_tokens
 from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
-from blt_model.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from blt_model.checkpoint import load_checkpoint, restore_rng, resume_folder, save_checkpoint
 from blt_data.tokens import BYTE_OFFSET, IGNORE_INDEX
 from blt_model.blt import bits_per_byte, byte_loss
 from blt_model.configs import build_config, preset_file
@@ -260,9 +261,11 @@ def train_entropy(
     name: str,
     cfg: TrainEntropyConfig,
     progress: bool | None = None,
+    resume: str | None = None,
 ) -> TrainEntropyResult:
     """Train (or resume, or find already registered) the entropy model `name` on `docs_ref`.
-    `progress`, when given, overrides `cfg.progress`."""
+    `progress`, when given, overrides `cfg.progress`. `resume`: a checkpoint folder (relative to
+    the store) to start from instead of this job's latest; "none" starts over."""
     docs, job_id = plan_job(registry, docs_ref, name, cfg)
     done = registry.find_job(name, job_id, area="models")
     if done is not None:
@@ -289,7 +292,7 @@ def train_entropy(
     model = EntropyModel(cfg.model).to(env.device)
     optimizer = cfg.optimizer(model)
     step, cursor, history = 0, None, []
-    folder = latest_checkpoint(store, job_dir)
+    folder = resume_folder(store, job_dir, resume)
     if folder is not None:
         state = load_checkpoint(store, folder, model, optimizer, job_id)
         step, cursor, history = state["step"], state["cursor"], state["history"]
@@ -297,7 +300,7 @@ def train_entropy(
             log.warning("resuming a %d-process run on %d: same data, different batches per rank", state["world_size"], env.world_size)
         if env.is_main:
             log.info("resumed %s from %s (step %d)", name, store.uri(folder), step)
-    elif env.is_main and store.exists(f"{job_dir}/{LEGACY_CHECKPOINT}"):
+    elif resume is None and env.is_main and store.exists(f"{job_dir}/{LEGACY_CHECKPOINT}"):
         log.warning("%s is an earlier version's checkpoint, which this version does not read: the job "
                     "starts again from step 0", store.uri(f"{job_dir}/{LEGACY_CHECKPOINT}"))
     train_model = model

@@ -64,6 +64,13 @@ def test_train_entropy_clear_errors(local_store_url, tmp_path):
     reg.store.write_bytes(shard, b"\x00garbage")
     out = blt("train-entropy", "docs", "--name", "em", "-c", "debug", "--store", local_store_url, "-q", code=2)
     assert "error: checkpoint" in out and "unreadable" in out
+    # --resume, as blt-train's: a folder that is no checkpoint is refused; 'none' starts over.
+    out = blt("train-entropy", "docs", "--name", "em", "-c", "debug", "--resume", f"{job}/checkpoints/step-00000001",
+              "--store", local_store_url, "-q", code=2)
+    assert "not a complete checkpoint" in out
+    out = blt("train-entropy", "docs", "--name", "em", "-c", "debug", "--resume", "none", "max_steps_this_run=1",
+              "--store", local_store_url, "-q")
+    assert "stopped at step 1/6" in out
 
 
 def test_import_entropy_model(store_url, tmp_path):
