@@ -18,9 +18,9 @@ Resume: the job id hashes the documents manifest and the config's result fields.
 (`blt_model.checkpoint`: DCP model and optimizer, then `train_state.json` with the step, data
 cursor, RNG and validation history), under `models/<name>/_jobs/<job-id>/checkpoints/step-N/`;
 a run with the same job id resumes from the latest (or from the folder `resume` names; "none"
-starts over), as the BLT trainer does. A step's batch is a pure function of the
-cursor and its learning rate of the step, so on CPU a resumed run ends with the same weights, bit
-for bit, as an uninterrupted one. A job folder of an earlier version holds one `checkpoint.pt`
+starts over), as the BLT trainer does. A step's batch is a pure function of the cursor and its
+learning rate of the step, so on CPU a resumed run ends with the same weights, bit for bit, as an
+uninterrupted one. A job folder of an earlier version holds one `checkpoint.pt`
 instead: that job starts again from step 0, with a warning. The file is not read, so there is
 one checkpoint format to keep, not two (only a job interrupted under that version loses its
 progress); it stays until `registry gc` removes it with the job's other leftovers.
@@ -50,9 +50,9 @@ from blt_data.documents import iter_lines
 from blt_data.entropy import document_tokens
 from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
-from blt_model.checkpoint import load_checkpoint, restore_rng, resume_folder, save_checkpoint
 from blt_data.tokens import BYTE_OFFSET, IGNORE_INDEX
 from blt_model.blt import bits_per_byte, byte_loss
+from blt_model.checkpoint import load_checkpoint, restore_rng, resume_folder, save_checkpoint
 from blt_model.configs import build_config, preset_file
 from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
