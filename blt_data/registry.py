@@ -5,8 +5,9 @@ Layout under the store root::
     datasets/<name>/v<NNNN>/manifest.json             immutable, written last, put-if-absent
     datasets/<name>/_jobs/<job-id>/part-<unit>.*      parts, written first
     models/<name>/v<NNNN>/manifest.json               written last, put-if-absent
-    models/<name>/_jobs/<job-id>/{model.safetensors, config.json, checkpoint.pt}
+    models/<name>/_jobs/<job-id>/{model.safetensors, config.json}
                                                       model files listed as the manifest's parts
+    models/<name>/_jobs/<job-id>/checkpoints/step-<N>/   training checkpoints (blt_model.checkpoint)
 
 Invariant: nothing exists until its manifest does. Parts are written first under the job's
 folder; the manifest is created last with put-if-absent, so of two writers racing for one

@@ -40,6 +40,7 @@ StoreOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+ResumeOpt = Annotated[Optional[str], typer.Option("--resume", help="Checkpoint folder (relative to the store) to start from; 'none' starts over. Default: this job's latest checkpoint.")]
 
 EXPECTED_ERRORS = (RegistryError, StoreError, FileNotFoundError, ValueError, PermissionError)
 

@@ -121,7 +121,8 @@ def test_options_snapshot():
         "download": sorted(["source", "name", "overrides", "split", "text_field", "id_field", "limit", "part_size", "config", "store", "quiet", "as_json"]),
         "shuffle": sorted(["ref", "name", "overrides", "chunks", "seed", "memory", "val_docs", "config", "store", "quiet", "as_json"]),
         "demo": sorted(["overrides", "config", "store", "quiet", "as_json"]),
-        "train-entropy": sorted(["docs", "name", "overrides", "config", "dry_run", "store", "quiet", "as_json"]),
+        # resume: as blt-train's (a damaged checkpoint's remedy, and starting over)
+        "train-entropy": sorted(["docs", "name", "overrides", "config", "resume", "dry_run", "store", "quiet", "as_json"]),
         "import-entropy-model": sorted(["source", "name", "store", "quiet", "as_json"]),
         "patch": sorted(["docs", "name", "overrides", "model", "scheme", "threshold", "target_patch_size", "max_patch_length",
                          "entropies", "ray_address", "workers", "gpus_per_worker", "unit_size", "config", "dry_run",
