@@ -355,9 +355,10 @@ def test_refusals_are_clear(local_reg):
     with pytest.raises(ReaderError, match=r"pp@v1 has no documents in split 'test' \(documents per split: train=90, val=12\)"):
         Reader(config(split="test"), reg)
 
-    future = reg.resolve("pp").model_copy(update={"name": "future", "format_version": 2})
+    # A manifest of a format newer than this code's (the registry refuses it, the reader says so).
+    future = reg.resolve("pp").model_copy(update={"name": "future", "format_version": 3})
     reg.store.write_bytes(reg.manifest_path("future", 1), future.model_dump_json().encode())
-    with pytest.raises(ReaderError, match="future@v1: manifest format version 2, this reader knows 1"):
+    with pytest.raises(ReaderError, match="future@v1: manifest format version 3 is newer than this blt-data"):
         Reader(config(dataset="future"), reg)
 
     # A part written in another patches format version.
