@@ -65,13 +65,13 @@ def synthetic_patches(reg, name: str, parts: int, rows: int = 5000, val_every: i
     rng = np.random.default_rng(parts)
     paths = [f"_jobs/{job}/part-{i:07d}.parquet" for i in range(parts)]
     split = np.where(np.arange(parts) % val_every == val_every - 1, "val", "train")
-    sha = [bytes(row).hex() for row in rng.integers(0, 256, (parts, 32), dtype=np.uint8)]
+    sha = [bytes(row) for row in rng.integers(0, 256, (parts, 32), dtype=np.uint8)]
     size = rng.integers(15_000_000, 17_000_000, parts)
 
     def table() -> PartTable:
         return PartTable(pa.table({
             "path": pa.array(paths, pa.string()), "rows": pa.array(np.full(parts, rows, np.int64)),
-            "bytes": pa.array(size, pa.int64()), "sha256": pa.array(sha, pa.string()),
+            "bytes": pa.array(size, pa.int64()), "sha256": pa.array(sha, pa.binary(32)),
             "split": pa.array(split, pa.string()), "quarantine": pa.array(np.zeros(parts, bool)),
         }, schema=registry_module.PARTS_SCHEMA))
 
@@ -99,7 +99,7 @@ def synthetic_patches(reg, name: str, parts: int, rows: int = 5000, val_every: i
         ids = [f"p{i}-{j}" for j in range(rows)]  # unique content: one sha256 per part
         info = write_part(reg.store, f"{reg.dataset_dir(name)}/{paths[i]}", paths[i],
                           build_table(ids, text, lengths, None), dataset=name, job_id=job, split=str(split[i]))
-        sha[i], size[i] = info.sha256, info.bytes
+        sha[i], size[i] = bytes.fromhex(info.sha256), info.bytes
     old = registry_module.INLINE_PARTS
     registry_module.INLINE_PARTS = 1 << 62 if inline else old  # the old format: every part inline
     try:

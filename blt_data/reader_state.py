@@ -114,7 +114,7 @@ class EpochOrder:
     def _permutation(self, epoch: int) -> np.ndarray:
         """Block indices in epoch ``epoch``'s reading order."""
         if self._hashed_paths:
-            paths = self.parts.table.column("path").to_pylist()
+            paths = self.parts.paths()
             keys = [
                 hashlib.blake2b(self._key + f"|{epoch}|{paths[p]}|{a}".encode(), digest_size=16).digest()
                 for p, a in zip(self.block_part.tolist(), self.block_start.tolist())
