@@ -133,47 +133,61 @@ def measure(url: str, name: str, sample: bool = True) -> dict:
     runner = CliRunner()
     out: dict = {}
 
-    def cli(*args: str) -> float:
+    def cli(*args: str) -> tuple[float, float]:
         _fresh(url)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = runner.invoke(app, [*args, "--store", url, "-q"])
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if result.exit_code != 0:
             raise RuntimeError(f"blt-data {' '.join(args)} exited {result.exit_code}: {result.output[-2000:]}")
-        return seconds
+        return seconds, cpu
 
-    out["show_s"] = min(cli("registry", "show", name) for _ in range(2))
-    out["verify_s"] = cli("registry", "verify", name, *(["--sample", "100"] if sample else []))
-    out["verify_sample"] = 100 if sample else None
+    out["show_s"], out["show_cpu_s"] = min(cli("registry", "show", name) for _ in range(2))
+    # The code before this change has no --sample, and the synthetic parts not sampled have no file.
+    out["verify_s"] = cli("registry", "verify", name, "--sample", "100")[0] if sample else None
     cfg = ReaderConfig(dataset=name, seq_len=4096, batch_size=2, prefetch=0)
-    opens = []
+    opens, cpus = [], []
     for rank in RANKS:
         reg = _fresh(url)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         reader = Reader(cfg, reg, rank=rank, world_size=WORLD)
         reader.start_state  # noqa: B018 - the state is part of "open"
         opens.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
         if rank == RANKS[0]:
             next(iter(reader))
             out["open_first_batch_s"] = time.perf_counter() - start
-    out["open_s"] = statistics.mean(opens)
-    out["open_max_s"] = max(opens)
+    out["open_s"], out["open_cpu_s"], out["open_max_s"] = statistics.mean(opens), statistics.mean(cpus), max(opens)
     return out
 
 
-def _s3_server():
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
-    from moto.server import ThreadedMotoServer
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.3f}"
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+
+def _s3_server() -> subprocess.Popen:
+    """moto's S3 server on loopback in its own process (as a real S3 is: its CPU is not ours)."""
+    import socket
+
     import boto3
 
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
-    return server
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for _ in range(200):
+        try:
+            client.create_bucket(Bucket="bench")
+            return server
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(0.1)
+    server.kill()
+    raise SystemExit("moto's S3 server did not start")
 
 
 def main() -> None:
@@ -218,26 +232,30 @@ def main() -> None:
                     result = measure(url, name)
                 row = {"parts": size, "store": where, "format": m.format_version, "code": args.code or "this",
                        "manifest_bytes": manifest_bytes, "parts_file_bytes": m.parts_file.bytes if m.parts_file else None,
-                       "make_s": made, **result}
+                       "make_s": made, "load_avg": os.getloadavg()[0], **result}
                 rows.append(row)
-                print(f"    show {row['show_s']:.3f} s · verify{' --sample 100' if row['verify_sample'] else ' (all)'} "
-                      f"{row['verify_s']:.3f} s · open (64 ranks) {row['open_s']:.3f} s (max {row['open_max_s']:.3f}) · "
-                      f"first batch {row['open_first_batch_s']:.3f} s", flush=True)
+                print(f"    show {row['show_s']:.3f} s (cpu {row['show_cpu_s']:.3f}) · verify --sample 100 {_s(row['verify_s'])} · "
+                      f"open (64 ranks) {row['open_s']:.3f} s (cpu {row['open_cpu_s']:.3f}, max {row['open_max_s']:.3f}) · "
+                      f"first batch {row['open_first_batch_s']:.3f} s · load {os.getloadavg()[0]:.1f}", flush=True)
     if server is not None:
-        server.stop()
+        server.terminate()
+        server.wait()
 
-    print(f"\n{'parts':>9} {'store':<6} {'fmt':>3} {'code':<10} {'manifest B':>12} {'show s':>8} {'verify s':>9} "
-          f"{'open s':>8} {'batch s':>8}")
+    print(f"\n{'parts':>9} {'store':<6} {'fmt':>3} {'code':<10} {'manifest B':>12} {'list B':>11} {'show s':>8} "
+          f"{'show cpu':>8} {'verify s':>9} {'open s':>8} {'open cpu':>8} {'batch s':>8}")
     for r in rows:
         print(f"{r['parts']:>9,} {r['store']:<6} {r['format']:>3} {Path(r['code']).name[:10]:<10} {r['manifest_bytes']:>12,} "
-              f"{r['show_s']:>8.3f} {r['verify_s']:>9.3f} {r['open_s']:>8.3f} {r['open_first_batch_s']:>8.3f}")
+              f"{r['parts_file_bytes'] or 0:>11,} {r['show_s']:>8.3f} {r['show_cpu_s']:>8.3f} {_s(r['verify_s']):>9} "
+              f"{r['open_s']:>8.3f} {r['open_cpu_s']:>8.3f} {r['open_first_batch_s']:>8.3f}")
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {"runs": []}
     key = (args.format, args.code or "this")
     previous["runs"] = [r for r in previous["runs"] if (r["format"], r["code"]) != key or r["parts"] not in
                         {x["parts"] for x in rows}] + rows
     previous["note"] = ("synthetic patches datasets (bench/registry.py); show/verify through the CLI in-process; "
-                        "open = Reader construction for ranks 0, 31, 63 of 64 (mean), batch = rank 0 to its first batch")
+                        "open = Reader construction for ranks 0, 31, 63 of 64 (mean), batch = rank 0 to its first batch; "
+                        "*_cpu_s: this process's CPU seconds (the S3 server runs in its own process); "
+                        "load_avg: the machine's 1-minute load when measured")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(previous, indent=2) + "\n")
     print(f"wrote {out}")
