@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from blt_data import registry as registry_module
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
-from blt_data.registry import Manifest, PartTable, Registry, RegistryError, parse_ref
+from blt_data.registry import Manifest, PartInfo, PartTable, Registry, RegistryError, parse_ref
 from blt_data.storage import Store, StoreError
 from blt_data.verify import verify
 
@@ -246,6 +246,8 @@ def test_large_manifest_keeps_parts_in_a_checked_part_list(store_url, monkeypatc
     assert back._table is None  # resolving reads no part list
     assert back.parts == m.parts and [d["id"] for d in iter_documents(reg, back)] == [f"d{i}" for i in range(20)]
     assert verify(reg, reg.resolve("docs")) == []
+    # gc finds the job's parts referenced through the part list (else it would offer them).
+    assert registry_module.find_garbage(reg, 0.0, 1e12) == []
     # Given new parts, a copy holds them inline until committed (existing callers do this).
     assert back.model_copy(update={"parts": back.parts[:1]}).parts == back.parts[:1]
 
@@ -285,3 +287,34 @@ def test_future_manifest_format_is_refused_clearly(local_store_url):
     with pytest.raises(RegistryError, match=r"docs@v2: manifest format version 3 is newer than this blt-data .* reads \(up to 2\); upgrade blt-data"):
         reg.resolve("docs")
     assert reg.resolve("docs@v1").version == 1
+
+
+def test_racing_writers_of_large_manifests_leave_one_part_list_per_version(store_url, monkeypatch):
+    """Format 2 under the race: each version folder ends with its manifest and the one part
+    list that manifest names (a loser removes the list it wrote into a folder it lost)."""
+    monkeypatch.setattr(registry_module, "INLINE_PARTS", 2)
+    reg = Registry(Store.open(store_url))
+    n = 5
+    barrier = threading.Barrier(n)
+    won: list[Manifest] = []
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        parts = [PartInfo(path=f"_jobs/job{i}/part-{k}", rows=k, bytes=k, sha256=f"{i:064x}") for k in range(3)]
+        try:
+            barrier.wait()
+            won.append(reg.commit(Manifest(name="race", kind="documents", job_id=f"job{i}", parts=parts)))
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(m.version for m in won) == list(range(1, n + 1))
+    for m in won:
+        back = reg.load("race", m.version)
+        assert back.format_version == 2 and back.parts == m.parts and back.parts[0].path.startswith(f"_jobs/{m.job_id}/")
+        files = sorted(p.rsplit("/", 1)[-1] for p in reg.store.list(reg.version_dir("race", m.version)))
+        assert files == sorted(["manifest.json", back.parts_file.path])
