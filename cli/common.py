@@ -72,7 +72,7 @@ def describe(m: Manifest) -> str:
         return (f"{m.ref} ({m.kind}): {m.params.get('num_params', 0):,} parameters"
                 + (f", val {bpb:.3f} bits/byte" if bpb is not None else ""))
     s = m.stats
-    parts = f"{len(m.parts)} part" + ("" if len(m.parts) == 1 else "s")
+    parts = f"{m.part_count:,} part" + ("" if m.part_count == 1 else "s")
     line = f"{m.ref} ({m.kind}): {s.documents:,} documents, {s.bytes / 1e6:,.1f} MB of text in {parts}"
     if s.splits and set(s.splits) != {"train"}:
         line += " [" + ", ".join(f"{k}: {v:,}" for k, v in s.splits.items()) + "]"
