@@ -58,7 +58,9 @@ from blt_data.patch_units import read_records
 from blt_data.patches import (
     arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part, write_part,
 )
-from blt_data.patching import ENTROPY_SCHEMES, PatchedBatch, PatchRule, _cut, _lengths_from_starts, _round_down, patch_lengths_arrow
+from blt_data.patching import (
+    ENTROPY_SCHEMES, PatchedBatch, PatchRule, patch_lengths_arrow, patches_from_starts, round_down,
+)
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError, check_name, job_hash
 from blt_data.stats import DatasetStats
 from blt_data.storage import Store
@@ -90,7 +92,7 @@ class MetaLayoutError(ValueError):
 def meta_threshold(threshold: float) -> float:
     """The threshold to write for Meta's float32 comparison: the largest float16 <= θ. For every
     float16 x, ``x > t`` iff ``x > θ``, and a float16 is exact in float32 and in YAML's decimal."""
-    return float(_round_down(threshold, np.dtype(np.float16)))
+    return float(round_down(threshold, np.dtype(np.float16)))
 
 
 def meta_patch_lengths(
@@ -115,10 +117,7 @@ def meta_patch_lengths(
         np.greater(v[:-1], t, out=starts[1:])  # token p: v[p-1]; a document's token 0 is forced below
     for k in forced:  # values across a document edge are never used: these overwrite them
         starts[offsets[:-1][num_tokens > k] + k] = True
-    lengths, num = _lengths_from_starts(starts, offsets, num_tokens)
-    if max_patch_length is not None:
-        lengths, num = _cut(lengths, num, max_patch_length)
-    return PatchedBatch(lengths.astype(np.int32), num)
+    return patches_from_starts(starts, offsets, num_tokens, max_patch_length)
 
 
 def with_bos_eos(ours: PatchedBatch, eos_own_patch: np.ndarray, max_patch_length: int | None = None) -> PatchedBatch:
@@ -349,7 +348,7 @@ def export_meta(registry: Registry, cfg: MetaExportConfig, progress: bool = Fals
     """Write a patches dataset in Meta's layout (see the module docstring) and its data: block."""
     manifest = registry.resolve(cfg.patches, kind="patches")
     threshold, max_len, monotonic = _export_rule(manifest, cfg)
-    t_meta = meta_threshold(threshold) if not monotonic else float(_round_down(threshold, np.dtype(np.float32)))
+    t_meta = meta_threshold(threshold) if not monotonic else float(round_down(threshold, np.dtype(np.float32)))
     model_name = cfg.entropy_model_name or default_entropy_model_name(manifest)
     if "/" in model_name or model_name in ("", ".", ".."):
         raise MetaLayoutError(f"entropy model name {model_name!r} must be one folder name")

@@ -217,14 +217,12 @@ def patch_lengths_batch(
         if cfg.scheme == "space":
             starts = _space_starts(group_signal)
         elif cfg.scheme == "entropy":
-            starts = group_signal > _round_down(cfg.threshold, group_signal.dtype)
+            starts = group_signal > round_down(cfg.threshold, group_signal.dtype)
         else:
             starts = _monotonic_starts(group_signal, cfg.threshold)
-        lengths, num = _lengths_from_starts(starts, group_offsets, byte_lengths[d0:d1])
-        if cfg.max_patch_length is not None:
-            lengths, num = _cut(lengths, num, cfg.max_patch_length)
-        parts.append(lengths.astype(np.int32))
-        nums.append(num)
+        group = patches_from_starts(starts, group_offsets, byte_lengths[d0:d1], cfg.max_patch_length)
+        parts.append(group.patch_lengths)
+        nums.append(group.num_patches)
     if len(parts) == 1:
         return PatchedBatch(parts[0], nums[0])
     return PatchedBatch(np.concatenate(parts), np.concatenate(nums))
@@ -312,9 +310,10 @@ def _as_entropies(entropies: np.ndarray | None, total: int, scheme: str) -> np.n
     return e
 
 
-def _round_down(threshold: float, dtype: np.dtype) -> np.generic:
+def round_down(threshold: float, dtype: np.dtype) -> np.generic:
     """The largest value t of ``dtype`` with t <= threshold: then x > t iff x > threshold for
-    every x of that dtype, so comparing in the entropies' own dtype is exact and cheap."""
+    every x of that dtype, so comparing in the entropies' own dtype is exact and cheap (and a
+    threshold written for a reader that compares in ``dtype`` gives our decisions)."""
     t = np.asarray(threshold, dtype=dtype)[()]
     if float(t) > threshold:
         t = np.nextafter(t, dtype.type(-np.inf))
@@ -339,6 +338,20 @@ def _space_starts(b: np.ndarray) -> np.ndarray:
         starts[0] = True
         np.logical_and(cls[1:] == _WORD, cls[:-1] == _DELIMITER, out=starts[1:])
     return starts
+
+
+def patches_from_starts(
+    starts: np.ndarray, offsets: np.ndarray, byte_lengths: np.ndarray, max_patch_length: int | None = None
+) -> PatchedBatch:
+    """The patches of documents laid end to end, from a start mask over their positions (one
+    bool per position, ``offsets = [0, *cumsum(byte_lengths)]``): every non-empty document's
+    position 0 is forced (``starts`` is changed in place), then patches longer than
+    ``max_patch_length`` are cut from their start. The last step of every rule here, and of
+    Meta's rule replayed over its tokens (``blt_data.meta_layout``)."""
+    lengths, num = _lengths_from_starts(starts, offsets, np.asarray(byte_lengths, dtype=np.int64))
+    if max_patch_length is not None:
+        lengths, num = _cut(lengths, num, max_patch_length)
+    return PatchedBatch(lengths.astype(np.int32), num)
 
 
 def _lengths_from_starts(
