@@ -77,6 +77,7 @@ ENTROPY_SCHEMES = ("entropy", "monotonic")
 # taken in chunks of this many bytes, so temporaries stay cache- and allocator-friendly.
 _GROUP_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
+_FLOAT16_INF = np.uint16(0x7C00)  # bit pattern of +inf; above it (sign bit clear) only NaN
 
 # Byte classes for `space`: 0 continuation byte (0x80..0xBF), 1 word byte, 2 delimiter byte.
 _CONTINUATION, _WORD, _DELIMITER = 0, 1, 2
@@ -206,6 +207,11 @@ def patch_lengths_batch(
         if cfg.threshold is None:
             raise ValueError(f"scheme {cfg.scheme!r} needs a threshold (set it, or calibrate one)")
         signal = _as_entropies(entropies, total, cfg.scheme)
+        threshold = round_down(cfg.threshold, signal.dtype) + signal.dtype.type(0)  # -0 -> +0: +0 > t stays false
+        if cfg.scheme == "entropy" and signal.dtype == np.float16 and signal.view(np.uint16).max(initial=0) <= _FLOAT16_INF:
+            # Sign bits clear, no NaN: float16 bit patterns order as their values do, and an
+            # int16 comparison is ~10x cheaper than numpy's float16 one (exactly the same starts).
+            signal, threshold = signal.view(np.int16), threshold.view(np.int16)
     # Groups of whole documents of about _GROUP_BYTES: every temporary stays small enough to be
     # reused from the allocator instead of freshly mapped (page faults cost more than the work).
     group_starts = np.searchsorted(offsets[:-1], np.arange(_GROUP_BYTES, total, _GROUP_BYTES))
@@ -217,7 +223,7 @@ def patch_lengths_batch(
         if cfg.scheme == "space":
             starts = _space_starts(group_signal)
         elif cfg.scheme == "entropy":
-            starts = group_signal > round_down(cfg.threshold, group_signal.dtype)
+            starts = group_signal > threshold
         else:
             starts = _monotonic_starts(group_signal, cfg.threshold)
         group = patches_from_starts(starts, group_offsets, byte_lengths[d0:d1], cfg.max_patch_length)
@@ -305,8 +311,9 @@ def _as_entropies(entropies: np.ndarray | None, total: int, scheme: str) -> np.n
     if not np.issubdtype(e.dtype, np.floating):
         e = e.astype(np.float64)
     # NaN compares false and would silently glue patches together; it means a broken model.
-    if np.isnan(e).any():
-        raise ValueError(f"entropies contain NaN at byte {int(np.flatnonzero(np.isnan(e))[0])}")
+    nan = ((e.view(np.uint16) & 0x7FFF) > _FLOAT16_INF) if e.dtype == np.float16 else np.isnan(e)  # float16: by bits, faster
+    if nan.any():
+        raise ValueError(f"entropies contain NaN at byte {int(np.flatnonzero(nan)[0])}")
     return e
 
 
@@ -314,7 +321,8 @@ def round_down(threshold: float, dtype: np.dtype) -> np.generic:
     """The largest value t of ``dtype`` with t <= threshold: then x > t iff x > threshold for
     every x of that dtype, so comparing in the entropies' own dtype is exact and cheap (and a
     threshold written for a reader that compares in ``dtype`` gives our decisions)."""
-    t = np.asarray(threshold, dtype=dtype)[()]
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, then its largest value
+        t = np.asarray(threshold, dtype=dtype)[()]
     if float(t) > threshold:
         t = np.nextafter(t, dtype.type(-np.inf))
     return t
