@@ -59,7 +59,7 @@ from blt_data.patches import (
     arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part, write_part,
 )
 from blt_data.patching import (
-    ENTROPY_SCHEMES, PatchedBatch, PatchRule, patch_lengths_arrow, patches_from_starts, round_down,
+    ENTROPY_SCHEMES, PatchedBatch, PatchRule, above, patch_lengths_arrow, patches_from_starts, round_down,
 )
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError, check_name, job_hash
 from blt_data.stats import DatasetStats
@@ -103,18 +103,21 @@ def meta_patch_lengths(
     values, documents end to end), as ``Patcher.patch(include_next_token=False)`` computes them
     from stored entropies: comparisons in float32 (see the module docstring)."""
     num_tokens = np.asarray(num_tokens, dtype=np.int64)
-    v = np.asarray(values).astype(np.float32)
+    v = np.asarray(values)
     t = np.float32(threshold)
     offsets = np.zeros(num_tokens.size + 1, dtype=np.int64)
     np.cumsum(num_tokens, out=offsets[1:])
     starts = np.zeros(v.size, dtype=bool)
     forced = [0, 1]
     if monotonicity:
+        v = v.astype(np.float32)
         if v.size > 2:
             np.greater(v[1:-1] - v[:-2], t, out=starts[2:])  # token p: v[p-1] - v[p-2]
         forced.append(2)
     elif v.size > 1:
-        np.greater(v[:-1], t, out=starts[1:])  # token p: v[p-1]; a document's token 0 is forced below
+        # token p: v[p-1] > t in float32; every float16 is exact in float32, so comparing the
+        # values as real numbers against t (what `above` does) gives the same decisions.
+        starts[1:] = above(v[:-1], float(t)) if v.dtype in (np.float16, np.float32) else v[:-1].astype(np.float32) > t
     for k in forced:  # values across a document edge are never used: these overwrite them
         starts[offsets[:-1][num_tokens > k] + k] = True
     return patches_from_starts(starts, offsets, num_tokens, max_patch_length)
@@ -137,11 +140,12 @@ def with_bos_eos(ours: PatchedBatch, eos_own_patch: np.ndarray, max_patch_length
     out_offsets = np.zeros(D + 1, dtype=np.int64)
     np.cumsum(out_num, out=out_offsets[1:])
     out = np.empty(int(out_offsets[-1]), dtype=np.int32)
-    out[out_offsets[:-1]] = 1  # BOS
-    doc = np.repeat(np.arange(D), num)
-    shift = np.cumsum(1 + extra) - extra  # slots before document i's patches, BOS included
-    out[np.arange(ours.patch_lengths.size) + shift[doc]] = ours.patch_lengths
     tail = out_offsets[1:] - 1
+    ours_at = np.ones(out.size, dtype=bool)  # our patches fill every slot but BOS and an own EOS
+    ours_at[out_offsets[:-1]] = False
+    ours_at[tail[extra]] = False
+    out[ours_at] = ours.patch_lengths
+    out[out_offsets[:-1]] = 1  # BOS
     out[tail[extra]] = 1
     out[tail[~extra]] += 1
     return PatchedBatch(out, out_num)

@@ -207,11 +207,6 @@ def patch_lengths_batch(
         if cfg.threshold is None:
             raise ValueError(f"scheme {cfg.scheme!r} needs a threshold (set it, or calibrate one)")
         signal = _as_entropies(entropies, total, cfg.scheme)
-        threshold = round_down(cfg.threshold, signal.dtype) + signal.dtype.type(0)  # -0 -> +0: +0 > t stays false
-        if cfg.scheme == "entropy" and signal.dtype == np.float16 and signal.view(np.uint16).max(initial=0) <= _FLOAT16_INF:
-            # Sign bits clear, no NaN: float16 bit patterns order as their values do, and an
-            # int16 comparison is ~10x cheaper than numpy's float16 one (exactly the same starts).
-            signal, threshold = signal.view(np.int16), threshold.view(np.int16)
     # Groups of whole documents of about _GROUP_BYTES: every temporary stays small enough to be
     # reused from the allocator instead of freshly mapped (page faults cost more than the work).
     group_starts = np.searchsorted(offsets[:-1], np.arange(_GROUP_BYTES, total, _GROUP_BYTES))
@@ -223,7 +218,7 @@ def patch_lengths_batch(
         if cfg.scheme == "space":
             starts = _space_starts(group_signal)
         elif cfg.scheme == "entropy":
-            starts = group_signal > threshold
+            starts = above(group_signal, cfg.threshold)
         else:
             starts = _monotonic_starts(group_signal, cfg.threshold)
         group = patches_from_starts(starts, group_offsets, byte_lengths[d0:d1], cfg.max_patch_length)
@@ -326,6 +321,17 @@ def round_down(threshold: float, dtype: np.dtype) -> np.generic:
     if float(t) > threshold:
         t = np.nextafter(t, dtype.type(-np.inf))
     return t
+
+
+def above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``values > threshold`` as real numbers, for values of any float dtype (the threshold is
+    rounded down to that dtype, which keeps every decision). Float16 values with no sign bit set
+    and no NaN (entropies) are compared as int16 bit patterns, which order as their values do:
+    the same result, ~10x cheaper than numpy's float16 comparison."""
+    t = round_down(threshold, values.dtype) + values.dtype.type(0)  # -0.0 -> +0.0: 0 > t stays false
+    if values.dtype == np.float16 and values.view(np.uint16).max(initial=0) <= _FLOAT16_INF:
+        return values.view(np.int16) > t.view(np.int16)
+    return values > t
 
 
 def _monotonic_starts(e: np.ndarray, threshold: float) -> np.ndarray:

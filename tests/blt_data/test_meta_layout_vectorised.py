@@ -9,7 +9,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from blt_data.meta_layout import META_SCHEMA, from_meta_batch
+from blt_data.meta_layout import (
+    META_SCHEMA, from_meta_batch, meta_patch_lengths, meta_threshold, to_meta_entropies, with_bos_eos,
+)
+from blt_data.patching import PatchedBatch, PatchRule, patch_lengths_batch
+from tests.blt_data.test_meta_layout import meta_rule
 
 PIECES = ["a", "é", "€", "𝄞", " ", "\n", "xyz"]  # 1-4 UTF-8 bytes
 
@@ -109,3 +113,57 @@ def test_from_meta_batch_equals_the_per_row_conversion(seed, odd):
         assert new.entropies.equals(entropies)
         assert new.eos_entropy.equals(eos)
         assert new.bad == bad
+
+
+def _with_bos_eos_before(ours: PatchedBatch, eos_own_patch: np.ndarray, max_patch_length: int | None = None) -> PatchedBatch:
+    """with_bos_eos as first written (a per-patch document index)."""
+    num = ours.num_patches
+    D = num.size
+    last = np.zeros(D, dtype=np.int64)
+    ends = np.cumsum(num) - 1
+    has = num > 0
+    last[has] = ours.patch_lengths[ends[has]]
+    extra = np.asarray(eos_own_patch, dtype=bool) | ~has
+    if max_patch_length is not None:
+        extra |= last >= max_patch_length
+    out_num = num + 1 + extra
+    out_offsets = np.zeros(D + 1, dtype=np.int64)
+    np.cumsum(out_num, out=out_offsets[1:])
+    out = np.empty(int(out_offsets[-1]), dtype=np.int32)
+    out[out_offsets[:-1]] = 1
+    doc = np.repeat(np.arange(D), num)
+    shift = np.cumsum(1 + extra) - extra
+    out[np.arange(ours.patch_lengths.size) + shift[doc]] = ours.patch_lengths
+    tail = out_offsets[1:] - 1
+    out[tail[extra]] = 1
+    out[tail[~extra]] += 1
+    return PatchedBatch(out, out_num)
+
+
+def random_documents(rng: np.random.Generator, docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte lengths (empty, short, longer than Meta's 8192-token rows) and float16 entropies,
+    many of them on or next to the thresholds used below."""
+    n = np.where(rng.random(docs) < 0.2, 0, rng.integers(1, 60, docs))
+    n[rng.random(docs) < 0.05] = 9000
+    grid = np.array([0.0, 0.5, 0.9995, 1.0, 1.0009765625, 2.0, 3.5], np.float16)
+    e = np.where(rng.random(int(n.sum())) < 0.5, rng.choice(grid, int(n.sum())), rng.gamma(2.0, 0.8, int(n.sum()))).astype(np.float16)
+    return n, e
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_len", [None, 1, 3])
+def test_meta_patch_lengths_and_with_bos_eos_equal_the_per_document_rule(seed, max_len):
+    rng = np.random.default_rng(seed)
+    n, e = random_documents(rng, int(rng.integers(1, 30)))
+    eos = rng.choice(np.array([0.5, 1.0, 1.0009765625, 3.0], np.float16), n.size)
+    for threshold, monotonic in ((1.0, False), (1.0005, False), (0.0, False), (0.5, True)):
+        values, offsets = to_meta_entropies(n, e, eos)
+        t_meta = meta_threshold(threshold) if not monotonic else float(np.float32(threshold))
+        meta = meta_patch_lengths(values, n + 2, t_meta, monotonic, max_len)
+        want = [meta_rule(values[a:b], t_meta, max_len, monotonic) for a, b in zip(offsets[:-1], offsets[1:])]
+        assert [x.tolist() for x in meta.split()] == want
+        ours = patch_lengths_batch(n, e, PatchRule(scheme="monotonic" if monotonic else "entropy", threshold=threshold,
+                                                   max_patch_length=max_len))
+        eos_own = rng.random(n.size) < 0.5
+        new, before = with_bos_eos(ours, eos_own, max_len), _with_bos_eos_before(ours, eos_own, max_len)
+        assert np.array_equal(new.patch_lengths, before.patch_lengths) and np.array_equal(new.num_patches, before.num_patches)
