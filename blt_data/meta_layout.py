@@ -56,7 +56,7 @@ from blt_data.documents import PartWriter, encode_line, quarantine_record
 from blt_data.documents import part_name as documents_part_name
 from blt_data.patch_units import read_records
 from blt_data.patches import (
-    arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part, write_part,
+    PatchesPartWriter, arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part,
 )
 from blt_data.patching import (
     ENTROPY_SCHEMES, PatchedBatch, PatchRule, above, patch_lengths_arrow, patches_from_starts, round_down,
@@ -289,7 +289,7 @@ class _ShardWriter:
             self.chunk = chunk
             rel = f"{self.folder}/{self.chunk_name(chunk)}.shard_{self.k:02d}.arrow"
             self._stack = ExitStack()
-            self._sink = self._stack.enter_context(self.store.create(rel))
+            self._sink = self._stack.enter_context(self.store.create(rel, hashed=False))  # no manifest records it
             self._writer = self._stack.enter_context(pa.ipc.new_file(self._sink, META_SCHEMA))
             self.shards.append(rel)
         self._writer.write_batch(batch)
@@ -645,18 +645,15 @@ def _import_shard(
     and a quarantine part, then its completion record: ``_jobs/<job-id>/_done/unit-<unit>.json``."""
     job_dir = registry.job_dir(cfg.name, job_id)
     record = ShardRecord(unit=unit, shard=src.uri(path), parts=[], stats=DatasetStats())
-    pending: list[pa.Table] = []
+    part: PatchesPartWriter | None = None  # encodes on a worker thread while the next batches convert
     pending_bytes = 0
     quarantine: PartWriter | None = None
 
     def flush() -> None:
-        nonlocal pending, pending_bytes
-        if pending:
-            name = f"part-{unit:06d}-{len(record.parts):03d}.parquet"
-            table = pa.concat_tables(pending).combine_chunks()
-            record.parts.append(write_part(registry.store, f"{job_dir}/{name}", f"_jobs/{job_id}/{name}", table,
-                                           dataset=cfg.name, job_id=job_id))
-            pending, pending_bytes = [], 0
+        nonlocal part, pending_bytes
+        if part is not None:
+            record.parts.append(part.close())
+            part, pending_bytes = None, 0
 
     row = 0
     for batch in read_shard(src, path, record.damaged):
@@ -685,7 +682,12 @@ def _import_shard(
             seen.update(hashes)
         row += batch.num_rows
         patch_lengths = patch_lengths_arrow(rows.text, rows.entropies, patch)
-        pending.append(build_table(ids, rows.text, patch_lengths, rows.entropies, rows.eos_entropy))
+        table = build_table(ids, rows.text, patch_lengths, rows.entropies, rows.eos_entropy)
+        if part is None:
+            name = f"part-{unit:06d}-{len(record.parts):03d}.parquet"
+            part = PatchesPartWriter(registry.store, f"{job_dir}/{name}", f"_jobs/{job_id}/{name}", table.schema,
+                                     dataset=cfg.name, job_id=job_id, background=True)
+        part.write(table)
         record.stats = record.stats + DatasetStats.of(patch_lengths, rows.entropies.values.to_numpy(zero_copy_only=False))
         pending_bytes += int(pc.sum(pc.binary_length(rows.text)).as_py() or 0)
         if pending_bytes >= cfg.part_bytes:

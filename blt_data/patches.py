@@ -27,6 +27,7 @@ Invariant: a part is published whole (``Store.create``); readers never see half 
 from __future__ import annotations
 
 import io
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -98,23 +99,84 @@ def entropies_array(per_document: list[np.ndarray]) -> pa.ListArray:
 
 def write_part(store: Store, rel: str, path_in_manifest: str, table: pa.Table, *, dataset: str, job_id: str, split: str = "train") -> PartInfo:
     """Publish one Parquet part whole and return its PartInfo (sha256 of the bytes written)."""
-    metadata = {
-        "blt.format": FORMAT,
-        "blt.format_version": str(FORMAT_VERSION),
-        "blt.dataset": dataset,
-        "blt.job_id": job_id,
-    }
-    table = table.replace_schema_metadata(metadata)
-    # Built in memory: a part is one bounded unit of work, and pyarrow's writer wants a seekable
-    # sink that the store's streaming writer is not.
-    buffer = io.BytesIO()
-    pq.write_table(
-        table, buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS, use_dictionary=DICTIONARY_COLUMNS,
-        write_statistics=["id"],  # min/max of whole documents would bloat the footer
-    )
-    with store.create(rel) as sink:
-        sink.write(buffer.getbuffer())
-    return PartInfo(path=path_in_manifest, rows=table.num_rows, bytes=sink.nbytes, sha256=sink.sha256, split=split)
+    writer = PatchesPartWriter(store, rel, path_in_manifest, table.schema, dataset=dataset, job_id=job_id, split=split)
+    writer.write(table)
+    return writer.close()
+
+
+class PatchesPartWriter:
+    """One Parquet part written as its rows come, published whole on ``close`` (``write_part``
+    is this with one ``write``).
+
+    Rows are encoded a row group (ROW_GROUP_ROWS rows) at a time, so the row groups and the
+    bytes are the same however the rows are split between ``write`` calls. ``background=True``
+    encodes on a worker thread (Arrow's Parquet encoder releases the GIL), overlapping the
+    caller's work on the next rows: encoding float16 entropies is the costliest step of a part.
+    """
+
+    def __init__(
+        self, store: Store, rel: str, path_in_manifest: str, schema: pa.Schema, *,
+        dataset: str, job_id: str, split: str = "train", background: bool = False,
+    ):
+        self.store, self.rel, self.path_in_manifest, self.split = store, rel, path_in_manifest, split
+        self.schema = schema.with_metadata({
+            "blt.format": FORMAT,
+            "blt.format_version": str(FORMAT_VERSION),
+            "blt.dataset": dataset,
+            "blt.job_id": job_id,
+        })
+        # Built in memory: a part is one bounded unit of work, and pyarrow's writer wants a
+        # seekable sink that the store's streaming writer is not.
+        self._buffer = io.BytesIO()
+        self._writer = pq.ParquetWriter(
+            self._buffer, self.schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS,
+            write_statistics=["id"],  # min/max of whole documents would bloat the footer
+        )
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self.rows = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="parquet") if background else None
+        self._inflight: list[Future] = []
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows (a table of this part's schema, metadata aside)."""
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            rows = pa.concat_tables(self._pending)
+            full = rows.num_rows - rows.num_rows % ROW_GROUP_ROWS
+            self._pending = [rows.slice(full)]
+            self._pending_rows = rows.num_rows - full
+            self._encode(rows.slice(0, full))
+
+    def _encode(self, rows: pa.Table) -> None:
+        rows = rows.cast(self.schema)  # the metadata, and a check that the columns are this part's
+        if self._pool is None:
+            self._encode_now(rows)
+            return
+        while len(self._inflight) >= 2:  # at most one waiting: memory stays bounded
+            self._inflight.pop(0).result()
+        self._inflight.append(self._pool.submit(self._encode_now, rows))
+
+    def _encode_now(self, rows: pa.Table) -> None:
+        # One chunk per column: Parquet pages depend on the chunks, the bytes then do not.
+        self._writer.write_table(rows.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+
+    def close(self) -> PartInfo:
+        """Encode the last rows, publish the part, return its PartInfo."""
+        try:
+            if self._pending_rows or not self.rows:
+                self._encode(pa.concat_tables(self._pending) if self._pending else self.schema.empty_table())
+            for future in self._inflight:
+                future.result()
+            self._writer.close()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+        with self.store.create(self.rel) as sink:
+            sink.write(self._buffer.getbuffer())
+        return PartInfo(path=self.path_in_manifest, rows=self.rows, bytes=sink.nbytes, sha256=sink.sha256, split=self.split)
 
 
 def read_part(store: Store, rel: str, columns: list[str] | None = None) -> pa.Table:

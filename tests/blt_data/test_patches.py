@@ -13,7 +13,7 @@ import pytest
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
 from blt_data.patch_units import UnitSpec, load_records, patch_unit, plan_units, read_unit
 from blt_data.patches import (
-    build_table, entropies_array, part_metadata, read_part, write_part,
+    ROW_GROUP_ROWS, PatchesPartWriter, build_table, entropies_array, part_metadata, read_part, write_part,
 )
 from blt_data.patching import PatchRule, patch_lengths, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry
@@ -47,6 +47,28 @@ def table_of(texts, entropies=True):
     cfg = PatchRule(scheme="entropy", threshold=1.0) if entropies else PatchRule(scheme="space")
     pl = patch_lengths_arrow(text, ents, cfg)
     return build_table([f"id{i}" for i in range(len(texts))], text, pl, ents)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_part_written_in_pieces_is_the_part_written_at_once(local_store_url, background):
+    """Row groups of ROW_GROUP_ROWS from the part's start and one chunk per column: the same
+    bytes however the rows come (import writes a batch at a time, on a worker thread)."""
+    store = Store.open(local_store_url)
+    rng = np.random.default_rng(0)
+    texts = [TEXTS[i] for i in rng.integers(0, len(TEXTS), 2 * ROW_GROUP_ROWS + 123)]
+    table = table_of(texts)
+    whole = write_part(store, "a/part.parquet", "part.parquet", table, dataset="ds", job_id="j")
+    writer = PatchesPartWriter(store, "b/part.parquet", "part.parquet", table.schema, dataset="ds", job_id="j", background=background)
+    start = 0
+    while start < table.num_rows:
+        size = int(rng.integers(0, 3000))
+        writer.write(table.slice(start, size))
+        start += size
+    pieces = writer.close()
+    assert (pieces.sha256, pieces.rows, pieces.bytes) == (whole.sha256, whole.rows, whole.bytes)
+    assert read_part(store, "b/part.parquet").equals(read_part(store, "a/part.parquet"))
+    empty = PatchesPartWriter(store, "c/part.parquet", "part.parquet", table.schema, dataset="ds", job_id="j", background=background)
+    assert empty.close().rows == 0 and read_part(store, "c/part.parquet").num_rows == 0
 
 
 @pytest.mark.parametrize("with_entropies", [True, False])
