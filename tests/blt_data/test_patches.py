@@ -166,3 +166,26 @@ def test_repatch_refuses_what_it_cannot_use(local_store_url):
     with pytest.raises(ValueError, match="exactly one of threshold and target_patch_size"):
         RepatchConfig(patches="docs", name="r")
     assert json.loads(RepatchConfig(patches="p", name="r", rule=PatchRule(threshold=2)).model_dump_json())["rule"]["scheme"] == "entropy"
+
+
+def test_repatch_by_row_group_writes_what_patching_the_whole_part_writes(local_store_url):
+    """Repatch streams a part row group by row group: same bytes and stats as patching the whole
+    part at once (the way it was first written), over several row groups with eos_entropy."""
+    reg = Registry(Store.open(local_store_url))
+    rng = np.random.default_rng(1)
+    texts = [TEXTS[i] + "é" * int(k) for i, k in zip(rng.integers(0, len(TEXTS), ROW_GROUP_ROWS + 700), rng.integers(0, 9, ROW_GROUP_ROWS + 700))]
+    table = table_of(texts)
+    table = table.append_column(pa.field("eos_entropy", pa.float16()), pa.array(rng.random(len(texts)).astype(np.float16)))
+    info = write_part(reg.store, reg.job_dir("p", "j") + "/part-000000.parquet", "_jobs/j/part-000000.parquet", table, dataset="p", job_id="j")
+    reg.commit(Manifest(name="p", kind="patches", job_id="j", parts=[info], arrow_schema={f.name: str(f.type) for f in table.schema},
+                        params={"scheme": "entropy", "threshold": 1.0}, stats={"documents": len(texts), "splits": {"train": len(texts)}}))
+    rule = PatchRule(threshold=0.7, max_patch_length=5)
+    out = repatch(reg, RepatchConfig(patches="p", name="r", rule=rule))
+    pl = patch_lengths_arrow(table.column("text").combine_chunks(), table.column("entropies").combine_chunks(), rule)
+    whole = build_table(table.column("id").to_pylist(), table.column("text").combine_chunks(), pl,
+                        table.column("entropies").combine_chunks(), table.column("eos_entropy").combine_chunks())
+    expected = write_part(reg.store, "x/part.parquet", out.parts[0].path, whole, dataset="r", job_id=out.job_id)
+    assert out.parts[0].sha256 == expected.sha256
+    stats = DatasetStats.of(pl, table.column("entropies").combine_chunks().values.to_numpy())
+    assert (out.stats.entropy_histogram, out.stats.entropy_sum, out.stats.patch_length_histogram) == (
+        stats.entropy_histogram, stats.entropy_sum, stats.patch_length_histogram)
