@@ -58,6 +58,7 @@ from blt_data.patch_units import read_records
 from blt_data.patches import (
     PatchesPartWriter, arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part,
 )
+from blt_data.prefetch import in_background
 from blt_data.patching import (
     ENTROPY_SCHEMES, PatchedBatch, PatchRule, above, patch_lengths_arrow, patches_from_starts, round_down,
 )
@@ -378,29 +379,34 @@ def export_meta(registry: Registry, cfg: MetaExportConfig, progress: bool = Fals
     writer = _ShardWriter(out, shard_dir, X, cfg.chunks, cfg.shard_bytes)
     columns = ["id", "text", "patch_lengths", "entropies", "eos_entropy"]
     doc = text_bytes = differing = 0
+
+    def read_batches() -> Iterator[pa.RecordBatch]:
+        for part in parts:
+            with registry.store.open_input(registry.part_path(manifest, part)) as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows, columns=columns)
+
     try:
         with tqdm(total=total, unit="doc", desc=f"export {manifest.ref} -> meta", disable=not progress) as bar:
-            for part in parts:
-                with registry.store.open_input(registry.part_path(manifest, part)) as f:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows, columns=columns):
-                        for piece in _record_batches(batch, cfg.batch_rows):
-                            start = 0
-                            while start < piece.num_rows:  # cut at chunk edges
-                                chunk = int(np.searchsorted(bounds, doc, side="right")) - 1
-                                stop = min(piece.num_rows, start + int(bounds[chunk + 1]) - doc)
-                                meta_batch, bad = _meta_batch(piece.slice(start, stop - start), threshold, t_meta, max_len, monotonic)
-                                if bad.size and not monotonic:
-                                    row = piece.column("id")[start + int(bad[0])].as_py()
-                                    raise MetaLayoutError(
-                                        f"{manifest.ref}: document {row!r} has patch lengths its recorded rule (threshold "
-                                        f"{threshold}, max_patch_length {max_len}) does not give, so Meta's loader would "
-                                        "not reproduce them; verify the dataset (blt-data registry verify)")
-                                differing += bad.size
-                                writer.write(chunk, meta_batch)
-                                text_bytes += int(pc.sum(pc.binary_length(meta_batch.column("text"))).as_py() or 0)
-                                doc += stop - start
-                                start = stop
-                                bar.update(meta_batch.num_rows)
+            # Reading (decoding Parquet) runs ahead on a thread, overlapping the conversion.
+            for batch in in_background(read_batches, depth=4, name="export-read"):
+                for piece in _record_batches(batch, cfg.batch_rows):
+                    start = 0
+                    while start < piece.num_rows:  # cut at chunk edges
+                        chunk = int(np.searchsorted(bounds, doc, side="right")) - 1
+                        stop = min(piece.num_rows, start + int(bounds[chunk + 1]) - doc)
+                        meta_batch, bad = _meta_batch(piece.slice(start, stop - start), threshold, t_meta, max_len, monotonic)
+                        if bad.size and not monotonic:
+                            row = piece.column("id")[start + int(bad[0])].as_py()
+                            raise MetaLayoutError(
+                                f"{manifest.ref}: document {row!r} has patch lengths its recorded rule (threshold "
+                                f"{threshold}, max_patch_length {max_len}) does not give, so Meta's loader would "
+                                "not reproduce them; verify the dataset (blt-data registry verify)")
+                        differing += bad.size
+                        writer.write(chunk, meta_batch)
+                        text_bytes += int(pc.sum(pc.binary_length(meta_batch.column("text"))).as_py() or 0)
+                        doc += stop - start
+                        start = stop
+                        bar.update(meta_batch.num_rows)
     except BaseException as e:
         writer.abort(e)
         raise
