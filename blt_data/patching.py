@@ -306,8 +306,13 @@ def _as_entropies(entropies: np.ndarray | None, total: int, scheme: str) -> np.n
     if not np.issubdtype(e.dtype, np.floating):
         e = e.astype(np.float64)
     # NaN compares false and would silently glue patches together; it means a broken model.
-    nan = ((e.view(np.uint16) & 0x7FFF) > _FLOAT16_INF) if e.dtype == np.float16 else np.isnan(e)  # float16: by bits, faster
-    if nan.any():
+    if e.dtype == np.float16:  # by bit pattern, in pieces that stay in cache: several times faster than np.isnan
+        bits = e.view(np.uint16)
+        has_nan = any(((bits[i : i + _CHUNK_BYTES] & 0x7FFF) > _FLOAT16_INF).any() for i in range(0, bits.size, _CHUNK_BYTES))
+    else:
+        has_nan = bool(np.isnan(e).any())
+    if has_nan:
+        nan = np.isnan(e)
         raise ValueError(f"entropies contain NaN at byte {int(np.flatnonzero(nan)[0])}")
     return e
 

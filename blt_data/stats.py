@@ -149,7 +149,9 @@ def entropy_summary(entropies: np.ndarray) -> tuple[np.ndarray, float]:
     """
     e = np.asarray(entropies)
     if e.dtype == np.float16:
-        counts = np.bincount(e.reshape(-1).view(np.uint16), minlength=1 << 16)
+        counts = np.zeros(1 << 16, dtype=np.int64)
+        for chunk in _chunks(e.reshape(-1).view(np.uint16)):  # bincount converts to int64: small pieces stay in cache
+            counts += np.bincount(chunk, minlength=1 << 16)
         codes = np.flatnonzero(counts)
         values = codes.astype(np.uint16).view(np.float16)
         if np.isfinite(values).all():
@@ -171,12 +173,21 @@ def patch_stats(
         lengths = np.concatenate([np.zeros(0, np.int64), *(np.asarray(p, dtype=np.int64) for p in patch_lengths)])
     else:
         documents = len(num_patches)
-        lengths = np.asarray(patch_lengths, dtype=np.int64)
+        lengths = np.asarray(patch_lengths)
+        if not np.issubdtype(lengths.dtype, np.integer):
+            lengths = lengths.astype(np.int64)
         if int(np.sum(num_patches)) != lengths.size:
             raise ValueError(f"num_patches sums to {int(np.sum(num_patches))}, but there are {lengths.size} patch lengths")
     if lengths.size and lengths.min() < 1:
         raise ValueError("patch lengths must be >= 1")
-    histogram = np.bincount(np.minimum(lengths, HISTOGRAM_BINS), minlength=HISTOGRAM_BINS + 1)[1:]
+    histogram = np.zeros(HISTOGRAM_BINS + 1, dtype=np.int64)
+    for chunk in _chunks(lengths):  # bincount converts to int64: small pieces stay in cache
+        histogram += np.bincount(np.minimum(chunk, HISTOGRAM_BINS), minlength=HISTOGRAM_BINS + 1)
     return DatasetStats(
-        documents=documents, bytes=int(lengths.sum()), patches=int(lengths.size), patch_length_histogram=histogram.tolist()
+        documents=documents, bytes=int(lengths.sum(dtype=np.int64)), patches=int(lengths.size),
+        patch_length_histogram=histogram[1:].tolist(),
     )
+
+
+def _chunks(a: np.ndarray, size: int = 1 << 20):
+    return (a[i : i + size] for i in range(0, a.size, size))
