@@ -306,12 +306,7 @@ def _as_entropies(entropies: np.ndarray | None, total: int, scheme: str) -> np.n
     if not np.issubdtype(e.dtype, np.floating):
         e = e.astype(np.float64)
     # NaN compares false and would silently glue patches together; it means a broken model.
-    if e.dtype == np.float16:  # by bit pattern, in pieces that stay in cache: several times faster than np.isnan
-        bits = e.view(np.uint16)
-        has_nan = any(((bits[i : i + _CHUNK_BYTES] & 0x7FFF) > _FLOAT16_INF).any() for i in range(0, bits.size, _CHUNK_BYTES))
-    else:
-        has_nan = bool(np.isnan(e).any())
-    if has_nan:
+    if any(nan_mask(e[i : i + _CHUNK_BYTES]).any() for i in range(0, e.size, _CHUNK_BYTES)):  # pieces stay in cache
         nan = np.isnan(e)
         raise ValueError(f"entropies contain NaN at byte {int(np.flatnonzero(nan)[0])}")
     return e
@@ -326,6 +321,14 @@ def round_down(threshold: float, dtype: np.dtype) -> np.generic:
     if float(t) > threshold:
         t = np.nextafter(t, dtype.type(-np.inf))
     return t
+
+
+def nan_mask(values: np.ndarray) -> np.ndarray:
+    """``np.isnan(values)``; for float16 by bit pattern (exponent all ones, mantissa not zero),
+    several times faster than numpy's float16 isnan."""
+    if values.dtype == np.float16:
+        return (values.view(np.uint16) & np.uint16(0x7FFF)) > _FLOAT16_INF
+    return np.isnan(values)
 
 
 def above(values: np.ndarray, threshold: float) -> np.ndarray:
