@@ -7,9 +7,10 @@ Target: >= 100 MB/s for export and import (issue 12): bound by the store, not by
     python bench/meta_layout.py              # ~200 MB of text, best of 2
     python bench/meta_layout.py --mb 20 --repeat 1
 
-The first two rows are floors, not steps: the parts' bytes read from the store, and pyarrow
-decoding every column of them (float16 entropies are most of the bytes and most of the decoding;
-the parts' text is ~1/3 of them). Run it with another checkout on PYTHONPATH for a before/after
+The first three rows are floors, not steps: the parts' bytes read from the store, pyarrow
+decoding every column of them, and encoding them again as parts (``write_part``: the last step of
+import and repatch). Float16 entropies are 2/3 of a part's bytes and most of the decoding and
+encoding (Parquet stores float16 as FIXED_LEN_BYTE_ARRAY(2), a per-value path in Arrow). Run it with another checkout on PYTHONPATH for a before/after
 on the same machine state (the script only uses names both have).
 
 Documents: lognormal lengths (mean ~5 KB) of ASCII text, float16 entropies from a gamma
@@ -124,6 +125,11 @@ def main() -> None:
         rows.append(("read part bytes (store)", t))
         t = timed(args.repeat, lambda: None, lambda: pds.dataset(files, format="parquet").to_table())
         rows.append(("decode parts (pyarrow)", t))
+        tables = [pds.dataset(f, format="parquet").to_table() for f in files]
+        t = timed(args.repeat, lambda: None, lambda: [write_part(reg.store, f"floor/{i}.parquet", "x", table, dataset="x", job_id="x")
+                                                     for i, table in enumerate(tables)])
+        rows.append(("encode parts (pyarrow)", t))
+        del tables
         t = timed(args.repeat, clear_export, lambda: export_meta(reg, MetaExportConfig(patches="src", out=str(export_dir))))
         rows.append(("export --format meta", t))
         shard_bytes = sum(p.stat().st_size for p in export_dir.rglob("*.arrow"))

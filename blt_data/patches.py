@@ -15,6 +15,9 @@ Key-value metadata of every part (Parquet footer, through the Arrow schema):
     blt.dataset         the dataset name the part was written for
     blt.job_id          the job that wrote it
 
+Encoding: zstd, row groups of ROW_GROUP_ROWS documents, dictionary encoding for patch_lengths
+and eos_entropy only (parts written before used it for every column; both read the same).
+
 NOTE: DESIGN.md asks for "the id of the manifest it belongs to". A manifest id is
 ``name@vN:job_id`` and N is only known when the manifest wins its put-if-absent, after every part
 is written, so a part carries the two stable halves (dataset name and job id); ``blt_data.verify``
@@ -75,8 +78,9 @@ def build_table(
     ids: list[str] | pa.Array, text: pa.Array, patch_lengths: pa.ListArray, entropies: pa.ListArray | None,
     eos_entropy: pa.Array | None = None,
 ) -> pa.Table:
-    """A part's rows; `ids` a list or a string column, `text` is large_string, `entropies` list<float16> (or None: no column),
-    `eos_entropy` float16 (or None: no column; only with entropies)."""
+    """A part's rows; `ids` a list or a string column (kept as it is: no per-row Python), `text`
+    is large_string, `entropies` list<float16> (or None: no column), `eos_entropy` float16 (or
+    None: no column; only with entropies)."""
     if eos_entropy is not None and entropies is None:
         raise ValueError("eos_entropy comes with entropies")
     ids = ids.cast(pa.string()) if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
