@@ -7,6 +7,12 @@ Target: >= 100 MB/s for export and import (issue 12): bound by the store, not by
     python bench/meta_layout.py              # ~200 MB of text, best of 2
     python bench/meta_layout.py --mb 20 --repeat 1
 
+The first three rows are floors, not steps: the parts' bytes read from the store, pyarrow
+decoding every column of them, and encoding them again as parts (``write_part``: the last step of
+import and repatch). Float16 entropies are 2/3 of a part's bytes and most of the decoding and
+encoding (Parquet stores float16 as FIXED_LEN_BYTE_ARRAY(2), a per-value path in Arrow). Run it with another checkout on PYTHONPATH for a before/after
+on the same machine state (the script only uses names both have).
+
 Documents: lognormal lengths (mean ~5 KB) of ASCII text, float16 entropies from a gamma
 distribution, threshold calibrated to 4.5 bytes per patch. Prints a table (wall time, and CPU
 time of this process, which stays meaningful on a shared machine), writes
@@ -113,8 +119,17 @@ def main() -> None:
             shutil.rmtree(export_dir, ignore_errors=True)
 
         files = [reg.store.path(reg.part_path(m, p)) for p in m.parts]
+        # The store's own bound: the parts' bytes read back (from the page cache after the first
+        # run), then pyarrow decoding every column, the floor of any step that reads the parts.
+        t = timed(args.repeat, lambda: None, lambda: [Path(f).read_bytes() for f in files])
+        rows.append(("read part bytes (store)", t))
         t = timed(args.repeat, lambda: None, lambda: pds.dataset(files, format="parquet").to_table())
-        rows.append(("read parts (pyarrow)", t))
+        rows.append(("decode parts (pyarrow)", t))
+        tables = [pds.dataset(f, format="parquet").to_table() for f in files]
+        t = timed(args.repeat, lambda: None, lambda: [write_part(reg.store, f"floor/{i}.parquet", "x", table, dataset="x", job_id="x")
+                                                     for i, table in enumerate(tables)])
+        rows.append(("encode parts (pyarrow)", t))
+        del tables
         t = timed(args.repeat, clear_export, lambda: export_meta(reg, MetaExportConfig(patches="src", out=str(export_dir))))
         rows.append(("export --format meta", t))
         shard_bytes = sum(p.stat().st_size for p in export_dir.rglob("*.arrow"))
@@ -132,6 +147,7 @@ def main() -> None:
     print(f"{'step':<24} {'wall s':>8} {'MB/s':>8} {'CPU s':>8} {'MB/CPU-s':>9}")
     for name, (wall, cpu) in rows:
         print(f"{name:<24} {wall:>8.2f} {text_mb / wall:>8.1f} {cpu:>8.2f} {text_mb / cpu:>9.1f}")
+    print(f"load average {os.getloadavg()[0]:.1f} (wall times measure the neighbours too when it is above the CPUs)")
     result = {
         "text_mb": text_mb, "documents": m.stats.documents, "parts": len(m.parts), "shard_mb": shard_bytes / 1e6,
         "repeat": args.repeat, "cpus": os.cpu_count(), "platform": platform.platform(),

@@ -56,9 +56,12 @@ from blt_data.documents import PartWriter, encode_line, quarantine_record
 from blt_data.documents import part_name as documents_part_name
 from blt_data.patch_units import read_records
 from blt_data.patches import (
-    arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part, write_part,
+    PatchesPartWriter, arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part,
 )
-from blt_data.patching import ENTROPY_SCHEMES, PatchedBatch, PatchRule, _cut, _lengths_from_starts, _round_down, patch_lengths_arrow
+from blt_data.patching import (
+    ENTROPY_SCHEMES, PatchedBatch, PatchRule, above, nan_mask, patch_lengths_arrow, patches_from_starts, round_down,
+)
+from blt_data.prefetch import in_background
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError, check_name, job_hash
 from blt_data.stats import DatasetStats
 from blt_data.storage import Store
@@ -90,7 +93,7 @@ class MetaLayoutError(ValueError):
 def meta_threshold(threshold: float) -> float:
     """The threshold to write for Meta's float32 comparison: the largest float16 <= θ. For every
     float16 x, ``x > t`` iff ``x > θ``, and a float16 is exact in float32 and in YAML's decimal."""
-    return float(_round_down(threshold, np.dtype(np.float16)))
+    return float(round_down(threshold, np.dtype(np.float16)))
 
 
 def meta_patch_lengths(
@@ -101,24 +104,24 @@ def meta_patch_lengths(
     values, documents end to end), as ``Patcher.patch(include_next_token=False)`` computes them
     from stored entropies: comparisons in float32 (see the module docstring)."""
     num_tokens = np.asarray(num_tokens, dtype=np.int64)
-    v = np.asarray(values).astype(np.float32)
+    v = np.asarray(values)
     t = np.float32(threshold)
     offsets = np.zeros(num_tokens.size + 1, dtype=np.int64)
     np.cumsum(num_tokens, out=offsets[1:])
     starts = np.zeros(v.size, dtype=bool)
     forced = [0, 1]
     if monotonicity:
+        v = v.astype(np.float32)
         if v.size > 2:
             np.greater(v[1:-1] - v[:-2], t, out=starts[2:])  # token p: v[p-1] - v[p-2]
         forced.append(2)
     elif v.size > 1:
-        np.greater(v[:-1], t, out=starts[1:])  # token p: v[p-1]; a document's token 0 is forced below
+        # token p: v[p-1] > t in float32; every float16 is exact in float32, so comparing the
+        # values as real numbers against t (what `above` does) gives the same decisions.
+        starts[1:] = above(v[:-1], float(t)) if v.dtype in (np.float16, np.float32) else v[:-1].astype(np.float32) > t
     for k in forced:  # values across a document edge are never used: these overwrite them
         starts[offsets[:-1][num_tokens > k] + k] = True
-    lengths, num = _lengths_from_starts(starts, offsets, num_tokens)
-    if max_patch_length is not None:
-        lengths, num = _cut(lengths, num, max_patch_length)
-    return PatchedBatch(lengths.astype(np.int32), num)
+    return patches_from_starts(starts, offsets, num_tokens, max_patch_length)
 
 
 def with_bos_eos(ours: PatchedBatch, eos_own_patch: np.ndarray, max_patch_length: int | None = None) -> PatchedBatch:
@@ -138,11 +141,12 @@ def with_bos_eos(ours: PatchedBatch, eos_own_patch: np.ndarray, max_patch_length
     out_offsets = np.zeros(D + 1, dtype=np.int64)
     np.cumsum(out_num, out=out_offsets[1:])
     out = np.empty(int(out_offsets[-1]), dtype=np.int32)
-    out[out_offsets[:-1]] = 1  # BOS
-    doc = np.repeat(np.arange(D), num)
-    shift = np.cumsum(1 + extra) - extra  # slots before document i's patches, BOS included
-    out[np.arange(ours.patch_lengths.size) + shift[doc]] = ours.patch_lengths
     tail = out_offsets[1:] - 1
+    ours_at = np.ones(out.size, dtype=bool)  # our patches fill every slot but BOS and an own EOS
+    ours_at[out_offsets[:-1]] = False
+    ours_at[tail[extra]] = False
+    out[ours_at] = ours.patch_lengths
+    out[out_offsets[:-1]] = 1  # BOS
     out[tail[extra]] = 1
     out[tail[~extra]] += 1
     return PatchedBatch(out, out_num)
@@ -286,7 +290,7 @@ class _ShardWriter:
             self.chunk = chunk
             rel = f"{self.folder}/{self.chunk_name(chunk)}.shard_{self.k:02d}.arrow"
             self._stack = ExitStack()
-            self._sink = self._stack.enter_context(self.store.create(rel))
+            self._sink = self._stack.enter_context(self.store.create(rel, hashed=False))  # no manifest records it
             self._writer = self._stack.enter_context(pa.ipc.new_file(self._sink, META_SCHEMA))
             self.shards.append(rel)
         self._writer.write_batch(batch)
@@ -349,7 +353,7 @@ def export_meta(registry: Registry, cfg: MetaExportConfig, progress: bool = Fals
     """Write a patches dataset in Meta's layout (see the module docstring) and its data: block."""
     manifest = registry.resolve(cfg.patches, kind="patches")
     threshold, max_len, monotonic = _export_rule(manifest, cfg)
-    t_meta = meta_threshold(threshold) if not monotonic else float(_round_down(threshold, np.dtype(np.float32)))
+    t_meta = meta_threshold(threshold) if not monotonic else float(round_down(threshold, np.dtype(np.float32)))
     model_name = cfg.entropy_model_name or default_entropy_model_name(manifest)
     if "/" in model_name or model_name in ("", ".", ".."):
         raise MetaLayoutError(f"entropy model name {model_name!r} must be one folder name")
@@ -375,29 +379,34 @@ def export_meta(registry: Registry, cfg: MetaExportConfig, progress: bool = Fals
     writer = _ShardWriter(out, shard_dir, X, cfg.chunks, cfg.shard_bytes)
     columns = ["id", "text", "patch_lengths", "entropies", "eos_entropy"]
     doc = text_bytes = differing = 0
+
+    def read_batches() -> Iterator[pa.RecordBatch]:
+        for part in parts:
+            with registry.store.open_input(registry.part_path(manifest, part)) as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows, columns=columns)
+
     try:
         with tqdm(total=total, unit="doc", desc=f"export {manifest.ref} -> meta", disable=not progress) as bar:
-            for part in parts:
-                with registry.store.open_input(registry.part_path(manifest, part)) as f:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows, columns=columns):
-                        for piece in _record_batches(batch, cfg.batch_rows):
-                            start = 0
-                            while start < piece.num_rows:  # cut at chunk edges
-                                chunk = int(np.searchsorted(bounds, doc, side="right")) - 1
-                                stop = min(piece.num_rows, start + int(bounds[chunk + 1]) - doc)
-                                meta_batch, bad = _meta_batch(piece.slice(start, stop - start), threshold, t_meta, max_len, monotonic)
-                                if bad.size and not monotonic:
-                                    row = piece.column("id")[start + int(bad[0])].as_py()
-                                    raise MetaLayoutError(
-                                        f"{manifest.ref}: document {row!r} has patch lengths its recorded rule (threshold "
-                                        f"{threshold}, max_patch_length {max_len}) does not give, so Meta's loader would "
-                                        "not reproduce them; verify the dataset (blt-data registry verify)")
-                                differing += bad.size
-                                writer.write(chunk, meta_batch)
-                                text_bytes += int(pc.sum(pc.binary_length(meta_batch.column("text"))).as_py() or 0)
-                                doc += stop - start
-                                start = stop
-                                bar.update(meta_batch.num_rows)
+            # Reading (decoding Parquet) runs ahead on a thread, overlapping the conversion.
+            for batch in in_background(read_batches, depth=4, name="export-read"):
+                for piece in _record_batches(batch, cfg.batch_rows):
+                    start = 0
+                    while start < piece.num_rows:  # cut at chunk edges
+                        chunk = int(np.searchsorted(bounds, doc, side="right")) - 1
+                        stop = min(piece.num_rows, start + int(bounds[chunk + 1]) - doc)
+                        meta_batch, bad = _meta_batch(piece.slice(start, stop - start), threshold, t_meta, max_len, monotonic)
+                        if bad.size and not monotonic:
+                            row = piece.column("id")[start + int(bad[0])].as_py()
+                            raise MetaLayoutError(
+                                f"{manifest.ref}: document {row!r} has patch lengths its recorded rule (threshold "
+                                f"{threshold}, max_patch_length {max_len}) does not give, so Meta's loader would "
+                                "not reproduce them; verify the dataset (blt-data registry verify)")
+                        differing += bad.size
+                        writer.write(chunk, meta_batch)
+                        text_bytes += int(pc.sum(pc.binary_length(meta_batch.column("text"))).as_py() or 0)
+                        doc += stop - start
+                        start = stop
+                        bar.update(meta_batch.num_rows)
     except BaseException as e:
         writer.abort(e)
         raise
@@ -530,7 +539,7 @@ class _Rows(NamedTuple):
     """The good rows of a Meta batch, converted; and the bad ones with their reasons."""
 
     rows: np.ndarray  # int64, the good rows' indices in the batch
-    ids: list[str]
+    ids: pa.Array  # string
     text: pa.Array  # large_string
     entropies: pa.ListArray  # list<float16>, one per byte
     eos_entropy: pa.Array  # float16
@@ -539,13 +548,17 @@ class _Rows(NamedTuple):
 
 def from_meta_batch(batch: pa.RecordBatch) -> _Rows:
     """Split Meta's n + 2 values into our entropies (values < n) and eos_entropy (value n);
-    rows without text or id or with another number of entropies are returned as bad."""
+    rows without text or id or with another number of entropies are returned as bad.
+
+    Whole-column work only: the good rows' values are the flat values less each row's last two
+    (a mask), the texts and ids are the batch's own buffers; rows are looked at one by one only
+    where one is bad."""
     text = batch.column("text").cast(pa.large_string())
     sample_id = batch.column("sample_id")
     ent = batch.column("entropies")
     n = pc.binary_length(text).to_numpy(zero_copy_only=False)
     counts = ent.value_lengths().to_numpy(zero_copy_only=False)
-    flat_all = ent.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
+    flat_all = np.asarray(ent.flatten().to_numpy(zero_copy_only=False), dtype=np.float16)  # no copy when float16
     bad = []
     ok = np.ones(batch.num_rows, dtype=bool)
     for column, reason in ((text, "no text"), (sample_id, "no sample_id"), (ent, "no entropies")):
@@ -560,32 +573,38 @@ def from_meta_batch(batch: pa.RecordBatch) -> _Rows:
         bad.append((int(i), f"{counts[i]} entropies for {n[i]} bytes (Meta's layout has n + 2)"))
     ok &= ~wrong
     # Per-row starts in the flat values (null rows hold none).
+    sizes = np.where(counts > 0, counts, 0)
     starts = np.zeros(batch.num_rows + 1, dtype=np.int64)
-    np.cumsum(np.where(counts > 0, counts, 0), out=starts[1:])
-    nan_rows = []
-    if np.isnan(flat_all).any():
-        row_of = np.repeat(np.arange(batch.num_rows), np.where(counts > 0, counts, 0))
+    np.cumsum(sizes, out=starts[1:])
+    nan = nan_mask(flat_all)
+    if nan.any():
+        row_of = np.repeat(np.arange(batch.num_rows), sizes)
         pos = np.arange(flat_all.size) - starts[row_of]
-        used = np.isnan(flat_all) & (pos <= n[row_of])  # value n + 1 is never read
-        nan_rows = sorted(set(row_of[used].tolist()) & set(np.flatnonzero(ok).tolist()))
-    for i in nan_rows:
-        bad.append((i, "entropies contain NaN"))
-        ok[i] = False
+        used = nan & (pos <= n[row_of])  # value n + 1 is never read
+        for i in np.flatnonzero(np.bincount(row_of[used], minlength=batch.num_rows).astype(bool) & ok):
+            bad.append((int(i), "entropies contain NaN"))
+            ok[i] = False
     bad.sort()
     keep = np.flatnonzero(ok)
     good_n = n[keep]
-    # Flat positions of the kept rows' values < n, and of their value n.
-    row_of = np.repeat(np.arange(keep.size), good_n)
-    within = np.arange(int(good_n.sum())) - np.repeat(np.cumsum(good_n) - good_n, good_n)
-    byte_values = flat_all[starts[keep][row_of] + within] if keep.size else np.zeros(0, np.float16)
-    eos = flat_all[starts[keep] + good_n] if keep.size else np.zeros(0, np.float16)
+    # The kept rows' values < n: every value of a kept row but its last two (value n, value n + 1).
+    take = np.ones(flat_all.size, dtype=bool) if ok.all() else np.repeat(ok, sizes)
+    ends = starts[1:][keep]
+    take[ends - 1] = False
+    take[ends - 2] = False
+    byte_values = flat_all[take]
+    eos = flat_all[ends - 2]
     offsets = np.zeros(keep.size + 1, dtype=np.int32)
     np.cumsum(good_n, out=offsets[1:])
-    keep_arr = pa.array(keep)
+    if keep.size == batch.num_rows:
+        ids, text = sample_id, text
+    else:
+        keep_arr = pa.array(keep)
+        ids, text = sample_id.take(keep_arr), text.take(keep_arr)
     return _Rows(
         rows=keep,
-        ids=sample_id.take(keep_arr).cast(pa.string()).to_pylist(),
-        text=text.take(keep_arr),
+        ids=ids.cast(pa.string()),
+        text=text,
         entropies=pa.ListArray.from_arrays(pa.array(offsets), pa.array(byte_values, pa.float16())),
         eos_entropy=pa.array(eos, pa.float16()),
         bad=bad,
@@ -626,18 +645,15 @@ def _import_shard(
     and a quarantine part, then its completion record: ``_jobs/<job-id>/_done/unit-<unit>.json``."""
     job_dir = registry.job_dir(cfg.name, job_id)
     record = ShardRecord(unit=unit, shard=src.uri(path), parts=[], stats=DatasetStats())
-    pending: list[pa.Table] = []
+    part: PatchesPartWriter | None = None  # encodes on a worker thread while the next batches convert
     pending_bytes = 0
     quarantine: PartWriter | None = None
 
     def flush() -> None:
-        nonlocal pending, pending_bytes
-        if pending:
-            name = f"part-{unit:06d}-{len(record.parts):03d}.parquet"
-            table = pa.concat_tables(pending).combine_chunks()
-            record.parts.append(write_part(registry.store, f"{job_dir}/{name}", f"_jobs/{job_id}/{name}", table,
-                                           dataset=cfg.name, job_id=job_id))
-            pending, pending_bytes = [], 0
+        nonlocal part, pending_bytes
+        if part is not None:
+            record.parts.append(part.close())
+            part, pending_bytes = None, 0
 
     row = 0
     for batch in read_shard(src, path, record.damaged):
@@ -652,16 +668,26 @@ def _import_shard(
             quarantine.write_line(encode_line(quarantine_record(src.uri(path), row + i + 1, reason, json.dumps(raw, ensure_ascii=False))))
             record.quarantined += 1
         ids = rows.ids
-        for j, sid in enumerate(ids):  # ids are unique in a dataset: a repeat gets a positional id
-            if hash(sid) in seen:
-                ids[j] = f"{sid}#{posixpath.basename(path)}:{row + int(rows.rows[j]) + 1}"
-                record.duplicate_ids += 1
-                if len(record.duplicate_id_examples) < 20:
-                    record.duplicate_id_examples.append(sid)
-            seen.add(hash(ids[j]))
+        hashes = [hash(sid) for sid in ids.to_pylist()]
+        if len(set(hashes)) < len(hashes) or not seen.isdisjoint(hashes):
+            ids = ids.to_pylist()
+            for j, sid in enumerate(ids):  # ids are unique in a dataset: a repeat gets a positional id
+                if hash(sid) in seen:
+                    ids[j] = f"{sid}#{posixpath.basename(path)}:{row + int(rows.rows[j]) + 1}"
+                    record.duplicate_ids += 1
+                    if len(record.duplicate_id_examples) < 20:
+                        record.duplicate_id_examples.append(sid)
+                seen.add(hash(ids[j]))
+        else:
+            seen.update(hashes)
         row += batch.num_rows
         patch_lengths = patch_lengths_arrow(rows.text, rows.entropies, patch)
-        pending.append(build_table(ids, rows.text, patch_lengths, rows.entropies, rows.eos_entropy))
+        table = build_table(ids, rows.text, patch_lengths, rows.entropies, rows.eos_entropy)
+        if part is None:
+            name = f"part-{unit:06d}-{len(record.parts):03d}.parquet"
+            part = PatchesPartWriter(registry.store, f"{job_dir}/{name}", f"_jobs/{job_id}/{name}", table.schema,
+                                     dataset=cfg.name, job_id=job_id, background=True)
+        part.write(table)
         record.stats = record.stats + DatasetStats.of(patch_lengths, rows.entropies.values.to_numpy(zero_copy_only=False))
         pending_bytes += int(pc.sum(pc.binary_length(rows.text)).as_py() or 0)
         if pending_bytes >= cfg.part_bytes:

@@ -15,6 +15,9 @@ Key-value metadata of every part (Parquet footer, through the Arrow schema):
     blt.dataset         the dataset name the part was written for
     blt.job_id          the job that wrote it
 
+Encoding: zstd, row groups of ROW_GROUP_ROWS documents, dictionary encoding for patch_lengths
+and eos_entropy only (parts written before used it for every column; both read the same).
+
 NOTE: DESIGN.md asks for "the id of the manifest it belongs to". A manifest id is
 ``name@vN:job_id`` and N is only known when the manifest wins its put-if-absent, after every part
 is written, so a part carries the two stable halves (dataset name and job id); ``blt_data.verify``
@@ -27,6 +30,7 @@ Invariant: a part is published whole (``Store.create``); readers never see half 
 from __future__ import annotations
 
 import io
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -42,6 +46,10 @@ FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = ("1", "2")  # as written in the footer; 1 is 2 without eos_entropy
 PART_EXT = ".parquet"
 ROW_GROUP_ROWS = 4096  # documents per row group: readers can stream parts of a few GB
+# Dictionary encoding only where values repeat: patch lengths (small integers) and eos_entropy.
+# A float16 entropy column has up to 65536 values, so Parquet never falls back to PLAIN for it,
+# and encoding and decoding the dictionary cost 2-3x the rest of the part for ~1% of its size.
+DICTIONARY_COLUMNS = ["patch_lengths.list.element", "eos_entropy"]
 
 
 def part_name(index: int) -> str:
@@ -67,14 +75,16 @@ def arrow_schema_summary(with_entropies: bool, with_eos_entropy: bool = False) -
 
 
 def build_table(
-    ids: list[str], text: pa.Array, patch_lengths: pa.ListArray, entropies: pa.ListArray | None,
+    ids: list[str] | pa.Array, text: pa.Array, patch_lengths: pa.ListArray, entropies: pa.ListArray | None,
     eos_entropy: pa.Array | None = None,
 ) -> pa.Table:
-    """A part's rows; `text` is large_string, `entropies` list<float16> (or None: no column),
-    `eos_entropy` float16 (or None: no column; only with entropies)."""
+    """A part's rows; `ids` a list or a string column (kept as it is: no per-row Python), `text`
+    is large_string, `entropies` list<float16> (or None: no column), `eos_entropy` float16 (or
+    None: no column; only with entropies)."""
     if eos_entropy is not None and entropies is None:
         raise ValueError("eos_entropy comes with entropies")
-    columns = [pa.array(ids, pa.string()), text, patch_lengths]
+    ids = ids.cast(pa.string()) if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
+    columns = [ids, text, patch_lengths]
     if entropies is not None:
         columns.append(entropies)
     if eos_entropy is not None:
@@ -93,23 +103,84 @@ def entropies_array(per_document: list[np.ndarray]) -> pa.ListArray:
 
 def write_part(store: Store, rel: str, path_in_manifest: str, table: pa.Table, *, dataset: str, job_id: str, split: str = "train") -> PartInfo:
     """Publish one Parquet part whole and return its PartInfo (sha256 of the bytes written)."""
-    metadata = {
-        "blt.format": FORMAT,
-        "blt.format_version": str(FORMAT_VERSION),
-        "blt.dataset": dataset,
-        "blt.job_id": job_id,
-    }
-    table = table.replace_schema_metadata(metadata)
-    # Built in memory: a part is one bounded unit of work, and pyarrow's writer wants a seekable
-    # sink that the store's streaming writer is not.
-    buffer = io.BytesIO()
-    pq.write_table(
-        table, buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS,
-        write_statistics=["id"],  # min/max of whole documents would bloat the footer
-    )
-    with store.create(rel) as sink:
-        sink.write(buffer.getbuffer())
-    return PartInfo(path=path_in_manifest, rows=table.num_rows, bytes=sink.nbytes, sha256=sink.sha256, split=split)
+    writer = PatchesPartWriter(store, rel, path_in_manifest, table.schema, dataset=dataset, job_id=job_id, split=split)
+    writer.write(table)
+    return writer.close()
+
+
+class PatchesPartWriter:
+    """One Parquet part written as its rows come, published whole on ``close`` (``write_part``
+    is this with one ``write``).
+
+    Rows are encoded a row group (ROW_GROUP_ROWS rows) at a time, so the row groups and the
+    bytes are the same however the rows are split between ``write`` calls. ``background=True``
+    encodes on a worker thread (Arrow's Parquet encoder releases the GIL), overlapping the
+    caller's work on the next rows: encoding float16 entropies is the costliest step of a part.
+    """
+
+    def __init__(
+        self, store: Store, rel: str, path_in_manifest: str, schema: pa.Schema, *,
+        dataset: str, job_id: str, split: str = "train", background: bool = False,
+    ):
+        self.store, self.rel, self.path_in_manifest, self.split = store, rel, path_in_manifest, split
+        self.schema = schema.with_metadata({
+            "blt.format": FORMAT,
+            "blt.format_version": str(FORMAT_VERSION),
+            "blt.dataset": dataset,
+            "blt.job_id": job_id,
+        })
+        # Built in memory: a part is one bounded unit of work, and pyarrow's writer wants a
+        # seekable sink that the store's streaming writer is not.
+        self._buffer = io.BytesIO()
+        self._writer = pq.ParquetWriter(
+            self._buffer, self.schema, compression="zstd", use_dictionary=DICTIONARY_COLUMNS,
+            write_statistics=["id"],  # min/max of whole documents would bloat the footer
+        )
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self.rows = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="parquet") if background else None
+        self._inflight: list[Future] = []
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows (a table of this part's schema, metadata aside)."""
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            rows = pa.concat_tables(self._pending)
+            full = rows.num_rows - rows.num_rows % ROW_GROUP_ROWS
+            self._pending = [rows.slice(full)]
+            self._pending_rows = rows.num_rows - full
+            self._encode(rows.slice(0, full))
+
+    def _encode(self, rows: pa.Table) -> None:
+        rows = rows.cast(self.schema)  # the metadata, and a check that the columns are this part's
+        if self._pool is None:
+            self._encode_now(rows)
+            return
+        while len(self._inflight) >= 2:  # at most one waiting: memory stays bounded
+            self._inflight.pop(0).result()
+        self._inflight.append(self._pool.submit(self._encode_now, rows))
+
+    def _encode_now(self, rows: pa.Table) -> None:
+        # One chunk per column: Parquet pages depend on the chunks, the bytes then do not.
+        self._writer.write_table(rows.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+
+    def close(self) -> PartInfo:
+        """Encode the last rows, publish the part, return its PartInfo."""
+        try:
+            if self._pending_rows or not self.rows:
+                self._encode(pa.concat_tables(self._pending) if self._pending else self.schema.empty_table())
+            for future in self._inflight:
+                future.result()
+            self._writer.close()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+        with self.store.create(self.rel) as sink:
+            sink.write(self._buffer.getbuffer())
+        return PartInfo(path=self.path_in_manifest, rows=self.rows, bytes=sink.nbytes, sha256=sink.sha256, split=self.split)
 
 
 def read_part(store: Store, rel: str, columns: list[str] | None = None) -> pa.Table:

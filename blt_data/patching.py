@@ -77,6 +77,7 @@ ENTROPY_SCHEMES = ("entropy", "monotonic")
 # taken in chunks of this many bytes, so temporaries stay cache- and allocator-friendly.
 _GROUP_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
+_FLOAT16_INF = np.uint16(0x7C00)  # bit pattern of +inf; above it (sign bit clear) only NaN
 
 # Byte classes for `space`: 0 continuation byte (0x80..0xBF), 1 word byte, 2 delimiter byte.
 _CONTINUATION, _WORD, _DELIMITER = 0, 1, 2
@@ -217,14 +218,12 @@ def patch_lengths_batch(
         if cfg.scheme == "space":
             starts = _space_starts(group_signal)
         elif cfg.scheme == "entropy":
-            starts = group_signal > _round_down(cfg.threshold, group_signal.dtype)
+            starts = above(group_signal, cfg.threshold)
         else:
             starts = _monotonic_starts(group_signal, cfg.threshold)
-        lengths, num = _lengths_from_starts(starts, group_offsets, byte_lengths[d0:d1])
-        if cfg.max_patch_length is not None:
-            lengths, num = _cut(lengths, num, cfg.max_patch_length)
-        parts.append(lengths.astype(np.int32))
-        nums.append(num)
+        group = patches_from_starts(starts, group_offsets, byte_lengths[d0:d1], cfg.max_patch_length)
+        parts.append(group.patch_lengths)
+        nums.append(group.num_patches)
     if len(parts) == 1:
         return PatchedBatch(parts[0], nums[0])
     return PatchedBatch(np.concatenate(parts), np.concatenate(nums))
@@ -307,18 +306,40 @@ def _as_entropies(entropies: np.ndarray | None, total: int, scheme: str) -> np.n
     if not np.issubdtype(e.dtype, np.floating):
         e = e.astype(np.float64)
     # NaN compares false and would silently glue patches together; it means a broken model.
-    if np.isnan(e).any():
-        raise ValueError(f"entropies contain NaN at byte {int(np.flatnonzero(np.isnan(e))[0])}")
+    if any(nan_mask(e[i : i + _CHUNK_BYTES]).any() for i in range(0, e.size, _CHUNK_BYTES)):  # pieces stay in cache
+        nan = np.isnan(e)
+        raise ValueError(f"entropies contain NaN at byte {int(np.flatnonzero(nan)[0])}")
     return e
 
 
-def _round_down(threshold: float, dtype: np.dtype) -> np.generic:
+def round_down(threshold: float, dtype: np.dtype) -> np.generic:
     """The largest value t of ``dtype`` with t <= threshold: then x > t iff x > threshold for
-    every x of that dtype, so comparing in the entropies' own dtype is exact and cheap."""
-    t = np.asarray(threshold, dtype=dtype)[()]
+    every x of that dtype, so comparing in the entropies' own dtype is exact and cheap (and a
+    threshold written for a reader that compares in ``dtype`` gives our decisions)."""
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, then its largest value
+        t = np.asarray(threshold, dtype=dtype)[()]
     if float(t) > threshold:
         t = np.nextafter(t, dtype.type(-np.inf))
     return t
+
+
+def nan_mask(values: np.ndarray) -> np.ndarray:
+    """``np.isnan(values)``; for float16 by bit pattern (exponent all ones, mantissa not zero),
+    several times faster than numpy's float16 isnan."""
+    if values.dtype == np.float16:
+        return (values.view(np.uint16) & np.uint16(0x7FFF)) > _FLOAT16_INF
+    return np.isnan(values)
+
+
+def above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``values > threshold`` as real numbers, for values of any float dtype (the threshold is
+    rounded down to that dtype, which keeps every decision). Float16 values with no sign bit set
+    and no NaN (entropies) are compared as int16 bit patterns, which order as their values do:
+    the same result, ~10x cheaper than numpy's float16 comparison."""
+    t = round_down(threshold, values.dtype) + values.dtype.type(0)  # -0.0 -> +0.0: 0 > t stays false
+    if values.dtype == np.float16 and values.view(np.uint16).max(initial=0) <= _FLOAT16_INF:
+        return values.view(np.int16) > t.view(np.int16)
+    return values > t
 
 
 def _monotonic_starts(e: np.ndarray, threshold: float) -> np.ndarray:
@@ -339,6 +360,20 @@ def _space_starts(b: np.ndarray) -> np.ndarray:
         starts[0] = True
         np.logical_and(cls[1:] == _WORD, cls[:-1] == _DELIMITER, out=starts[1:])
     return starts
+
+
+def patches_from_starts(
+    starts: np.ndarray, offsets: np.ndarray, byte_lengths: np.ndarray, max_patch_length: int | None = None
+) -> PatchedBatch:
+    """The patches of documents laid end to end, from a start mask over their positions (one
+    bool per position, ``offsets = [0, *cumsum(byte_lengths)]``): every non-empty document's
+    position 0 is forced (``starts`` is changed in place), then patches longer than
+    ``max_patch_length`` are cut from their start. The last step of every rule here, and of
+    Meta's rule replayed over its tokens (``blt_data.meta_layout``)."""
+    lengths, num = _lengths_from_starts(starts, offsets, np.asarray(byte_lengths, dtype=np.int64))
+    if max_patch_length is not None:
+        lengths, num = _cut(lengths, num, max_patch_length)
+    return PatchedBatch(lengths.astype(np.int32), num)
 
 
 def _lengths_from_starts(

@@ -20,6 +20,7 @@ import logging
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from blt_data.calibrate import calibrated, head_sample
 from blt_data.jobs import output_fields
 from blt_data.patch_units import UnitRecord, UnitSpec, commit_patches, load_records, record_path
-from blt_data.patches import build_table, has_entropies, has_eos_entropy, part_name, read_part, write_part
+from blt_data.patches import PatchesPartWriter, build_table, has_entropies, has_eos_entropy, part_name, patches_schema
 from blt_data.patching import ENTROPY_SCHEMES, PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry, check_name, job_hash
 from blt_data.stats import DatasetStats
@@ -105,17 +106,29 @@ def repatch(registry: Registry, cfg: RepatchConfig, progress: bool = False) -> M
 
 
 def _repatch_part(registry: Registry, parent: Manifest, index: int, part, spec: UnitSpec) -> UnitRecord:
+    """Row group by row group: read, patch, and hand to the part writer, which encodes on a
+    worker thread while the next row group is read and patched."""
     eos = spec.keep_eos_entropy  # carried over: a repatch keeps everything but patch_lengths
-    table = read_part(registry.store, registry.part_path(parent, part), ["id", "text", "entropies"] + (["eos_entropy"] if eos else []))
-    text = table.column("text").combine_chunks()
-    entropies = table.column("entropies").combine_chunks()
-    patch_lengths = patch_lengths_arrow(text, entropies, spec.patch)
-    out = build_table(table.column("id").to_pylist(), text, patch_lengths, entropies,
-                      table.column("eos_entropy").combine_chunks() if eos else None)
-    info = write_part(
+    columns = ["id", "text", "entropies"] + (["eos_entropy"] if eos else [])
+    writer = PatchesPartWriter(
         registry.store, f"{spec.job_dir}/{part_name(index)}", f"_jobs/{spec.job_id}/{part_name(index)}",
-        out, dataset=spec.name, job_id=spec.job_id, split=part.split,
+        patches_schema(True, eos), dataset=spec.name, job_id=spec.job_id, split=part.split, background=True,
     )
-    record = UnitRecord(unit=index, part=info, stats=DatasetStats.of(patch_lengths, entropies.values.to_numpy(zero_copy_only=False)))
+    all_patch_lengths, all_entropies = [], []
+    with registry.store.open_input(registry.part_path(parent, part)) as f:
+        pf = pq.ParquetFile(f)
+        for group in range(pf.num_row_groups):
+            table = pf.read_row_group(group, columns=columns)
+            text = table.column("text").combine_chunks()
+            entropies = table.column("entropies").combine_chunks()
+            patch_lengths = patch_lengths_arrow(text, entropies, spec.patch)
+            writer.write(build_table(table.column("id"), text, patch_lengths, entropies,
+                                     table.column("eos_entropy").combine_chunks() if eos else None))
+            all_patch_lengths.append(patch_lengths)
+            all_entropies.append(entropies.flatten().to_numpy(zero_copy_only=False))
+    info = writer.close()
+    patch_lengths = pa.chunked_array(all_patch_lengths, pa.list_(pa.int32())).combine_chunks()
+    flat = np.concatenate(all_entropies) if all_entropies else np.zeros(0, np.float16)
+    record = UnitRecord(unit=index, part=info, stats=DatasetStats.of(patch_lengths, flat))  # one sum per part, as before
     registry.store.write_bytes(record_path(spec, index), record.model_dump_json().encode())
     return record

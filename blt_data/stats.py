@@ -85,12 +85,8 @@ class DatasetStats(BaseModel):
         )
         if entropies is None:
             return stats
-        e = entropies.astype(np.float32)
-        bins = np.clip(e * ENTROPY_BINS_PER_NAT, 0, ENTROPY_BINS - 1).astype(np.int64)
-        return DatasetStats(**(stats.model_dump() | {
-            "entropy_histogram": np.bincount(bins, minlength=ENTROPY_BINS).tolist(),
-            "entropy_sum": float(e.astype(np.float64).sum()),
-        }))
+        histogram, total = entropy_summary(entropies)
+        return DatasetStats(**(stats.model_dump() | {"entropy_histogram": histogram.tolist(), "entropy_sum": total}))
 
     def __add__(self, other: "DatasetStats") -> "DatasetStats":
         merged: dict[str, Any] = {k: getattr(self, k) + getattr(other, k) for k in _COUNTS + _LISTS}
@@ -134,6 +130,37 @@ def _quantiles(histogram: list[int], entropy_sum: float, num_bytes: int) -> dict
     return out
 
 
+def _entropy_bins(e: np.ndarray) -> np.ndarray:
+    return np.clip(e.astype(np.float32) * ENTROPY_BINS_PER_NAT, 0, ENTROPY_BINS - 1).astype(np.int64)
+
+
+# The bin of every float16 value, by its bit pattern (NaN gets no valid bin: never looked up).
+with np.errstate(invalid="ignore"):
+    _FLOAT16_BINS = _entropy_bins(np.arange(1 << 16, dtype=np.uint16).view(np.float16))
+
+
+def entropy_summary(entropies: np.ndarray) -> tuple[np.ndarray, float]:
+    """(ENTROPY_BINS counts, float sum) of per-byte entropies.
+
+    float16 (as stored) goes through a count of each of its 65536 bit patterns: one pass over the
+    bytes instead of conversions, and the sum is exact (integers in units of 2**-24, the float16
+    grid) and then rounded once; a float64 sum of the values in any order equals it whenever that
+    sum made no rounding error (below 2**29 nats). Non-finite values take the direct path.
+    """
+    e = np.asarray(entropies)
+    if e.dtype == np.float16:
+        counts = np.zeros(1 << 16, dtype=np.int64)
+        for chunk in _chunks(e.reshape(-1).view(np.uint16)):  # bincount converts to int64: small pieces stay in cache
+            counts += np.bincount(chunk, minlength=1 << 16)
+        codes = np.flatnonzero(counts)
+        values = codes.astype(np.uint16).view(np.float16)
+        if np.isfinite(values).all():
+            histogram = np.bincount(_FLOAT16_BINS[codes], weights=counts[codes], minlength=ENTROPY_BINS).astype(np.int64)
+            units = (values.astype(np.float64) * 2.0**24).astype(np.int64)  # exact: float16 is on that grid
+            return histogram, float(sum(map(int.__mul__, counts[codes].tolist(), units.tolist()))) / 2.0**24
+    return np.bincount(_entropy_bins(e), minlength=ENTROPY_BINS), float(e.astype(np.float64).sum())
+
+
 def patch_stats(
     patch_lengths: np.ndarray | Sequence[np.ndarray], num_patches: np.ndarray | None = None
 ) -> DatasetStats:
@@ -146,12 +173,21 @@ def patch_stats(
         lengths = np.concatenate([np.zeros(0, np.int64), *(np.asarray(p, dtype=np.int64) for p in patch_lengths)])
     else:
         documents = len(num_patches)
-        lengths = np.asarray(patch_lengths, dtype=np.int64)
+        lengths = np.asarray(patch_lengths)
+        if not np.issubdtype(lengths.dtype, np.integer):
+            lengths = lengths.astype(np.int64)
         if int(np.sum(num_patches)) != lengths.size:
             raise ValueError(f"num_patches sums to {int(np.sum(num_patches))}, but there are {lengths.size} patch lengths")
     if lengths.size and lengths.min() < 1:
         raise ValueError("patch lengths must be >= 1")
-    histogram = np.bincount(np.minimum(lengths, HISTOGRAM_BINS), minlength=HISTOGRAM_BINS + 1)[1:]
+    histogram = np.zeros(HISTOGRAM_BINS + 1, dtype=np.int64)
+    for chunk in _chunks(lengths):  # bincount converts to int64: small pieces stay in cache
+        histogram += np.bincount(np.minimum(chunk, HISTOGRAM_BINS), minlength=HISTOGRAM_BINS + 1)
     return DatasetStats(
-        documents=documents, bytes=int(lengths.sum()), patches=int(lengths.size), patch_length_histogram=histogram.tolist()
+        documents=documents, bytes=int(lengths.sum(dtype=np.int64)), patches=int(lengths.size),
+        patch_length_histogram=histogram[1:].tolist(),
     )
+
+
+def _chunks(a: np.ndarray, size: int = 1 << 20):
+    return (a[i : i + size] for i in range(0, a.size, size))

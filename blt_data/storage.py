@@ -297,13 +297,14 @@ class Store:
         return tmp
 
     @contextmanager
-    def create(self, rel: str) -> Iterator["HashingWriter"]:
+    def create(self, rel: str, hashed: bool = True) -> Iterator["HashingWriter"]:
         """Stream an object that is published whole when the block exits without error.
 
         Local: a temp file in the target folder, renamed into place. S3: a local temp file,
         uploaded in one go on exit (s3fs uses one PUT or one multipart upload; either appears
         atomically). The writer hashes what passes through it, so callers get sha256 and size
-        without reading the object back.
+        without reading the object back (``hashed=False``: only the size, for objects whose
+        sha256 nobody records).
         """
         target = self.path(rel)
         if self.is_local:
@@ -312,7 +313,7 @@ class Store:
             fd, tmp = tempfile.mkstemp(prefix="blt-upload-")
             os.close(fd)
         raw = open(tmp, "wb")
-        writer = HashingWriter(raw)
+        writer = HashingWriter(raw, hashed)
         try:
             yield writer
             raw.close()
@@ -429,21 +430,24 @@ def _clean(exc: BaseException) -> str:
 class HashingWriter(io.RawIOBase):
     """A write-only file that counts and sha256-hashes the bytes passing through to ``raw``."""
 
-    def __init__(self, raw: IO[bytes]):
+    def __init__(self, raw: IO[bytes], hashed: bool = True):
         self.raw = raw
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hashed else None
         self.nbytes = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:  # type: ignore[override]
-        self._hash.update(b)
+        if self._hash is not None:
+            self._hash.update(b)
         self.nbytes += len(b)
         return self.raw.write(b)
 
     @property
     def sha256(self) -> str:
+        if self._hash is None:
+            raise ValueError("this object was written with hashed=False")
         return self._hash.hexdigest()
 
 

@@ -13,7 +13,7 @@ import pytest
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
 from blt_data.patch_units import UnitSpec, load_records, patch_unit, plan_units, read_unit
 from blt_data.patches import (
-    build_table, entropies_array, part_metadata, read_part, write_part,
+    ROW_GROUP_ROWS, PatchesPartWriter, build_table, entropies_array, part_metadata, read_part, write_part,
 )
 from blt_data.patching import PatchRule, patch_lengths, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry
@@ -47,6 +47,28 @@ def table_of(texts, entropies=True):
     cfg = PatchRule(scheme="entropy", threshold=1.0) if entropies else PatchRule(scheme="space")
     pl = patch_lengths_arrow(text, ents, cfg)
     return build_table([f"id{i}" for i in range(len(texts))], text, pl, ents)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_part_written_in_pieces_is_the_part_written_at_once(local_store_url, background):
+    """Row groups of ROW_GROUP_ROWS from the part's start and one chunk per column: the same
+    bytes however the rows come (import writes a batch at a time, on a worker thread)."""
+    store = Store.open(local_store_url)
+    rng = np.random.default_rng(0)
+    texts = [TEXTS[i] for i in rng.integers(0, len(TEXTS), 2 * ROW_GROUP_ROWS + 123)]
+    table = table_of(texts)
+    whole = write_part(store, "a/part.parquet", "part.parquet", table, dataset="ds", job_id="j")
+    writer = PatchesPartWriter(store, "b/part.parquet", "part.parquet", table.schema, dataset="ds", job_id="j", background=background)
+    start = 0
+    while start < table.num_rows:
+        size = int(rng.integers(0, 3000))
+        writer.write(table.slice(start, size))
+        start += size
+    pieces = writer.close()
+    assert (pieces.sha256, pieces.rows, pieces.bytes) == (whole.sha256, whole.rows, whole.bytes)
+    assert read_part(store, "b/part.parquet").equals(read_part(store, "a/part.parquet"))
+    empty = PatchesPartWriter(store, "c/part.parquet", "part.parquet", table.schema, dataset="ds", job_id="j", background=background)
+    assert empty.close().rows == 0 and read_part(store, "c/part.parquet").num_rows == 0
 
 
 @pytest.mark.parametrize("with_entropies", [True, False])
@@ -144,3 +166,26 @@ def test_repatch_refuses_what_it_cannot_use(local_store_url):
     with pytest.raises(ValueError, match="exactly one of threshold and target_patch_size"):
         RepatchConfig(patches="docs", name="r")
     assert json.loads(RepatchConfig(patches="p", name="r", rule=PatchRule(threshold=2)).model_dump_json())["rule"]["scheme"] == "entropy"
+
+
+def test_repatch_by_row_group_writes_what_patching_the_whole_part_writes(local_store_url):
+    """Repatch streams a part row group by row group: same bytes and stats as patching the whole
+    part at once (the way it was first written), over several row groups with eos_entropy."""
+    reg = Registry(Store.open(local_store_url))
+    rng = np.random.default_rng(1)
+    texts = [TEXTS[i] + "é" * int(k) for i, k in zip(rng.integers(0, len(TEXTS), ROW_GROUP_ROWS + 700), rng.integers(0, 9, ROW_GROUP_ROWS + 700))]
+    table = table_of(texts)
+    table = table.append_column(pa.field("eos_entropy", pa.float16()), pa.array(rng.random(len(texts)).astype(np.float16)))
+    info = write_part(reg.store, reg.job_dir("p", "j") + "/part-000000.parquet", "_jobs/j/part-000000.parquet", table, dataset="p", job_id="j")
+    reg.commit(Manifest(name="p", kind="patches", job_id="j", parts=[info], arrow_schema={f.name: str(f.type) for f in table.schema},
+                        params={"scheme": "entropy", "threshold": 1.0}, stats={"documents": len(texts), "splits": {"train": len(texts)}}))
+    rule = PatchRule(threshold=0.7, max_patch_length=5)
+    out = repatch(reg, RepatchConfig(patches="p", name="r", rule=rule))
+    pl = patch_lengths_arrow(table.column("text").combine_chunks(), table.column("entropies").combine_chunks(), rule)
+    whole = build_table(table.column("id").to_pylist(), table.column("text").combine_chunks(), pl,
+                        table.column("entropies").combine_chunks(), table.column("eos_entropy").combine_chunks())
+    expected = write_part(reg.store, "x/part.parquet", out.parts[0].path, whole, dataset="r", job_id=out.job_id)
+    assert out.parts[0].sha256 == expected.sha256
+    stats = DatasetStats.of(pl, table.column("entropies").combine_chunks().values.to_numpy())
+    assert (out.stats.entropy_histogram, out.stats.entropy_sum, out.stats.patch_length_histogram) == (
+        stats.entropy_histogram, stats.entropy_sum, stats.patch_length_histogram)

@@ -13,6 +13,7 @@ from blt_data.patching import (
     patch_lengths,
     patch_lengths_arrow,
     patch_lengths_batch,
+    patches_from_starts,
     start_scores,
 )
 from blt_data.stats import HISTOGRAM_BINS, DatasetStats, patch_stats
@@ -53,6 +54,24 @@ def test_threshold_is_compared_exactly_not_in_float16():
     tiny = float(F16(2.0**-24))
     assert lengths("ab", [tiny, 4.0], scheme="monotonic", threshold=4.0 - 2.0**-23) == [1, 1]
     assert lengths("ab", [tiny, 4.0], scheme="monotonic", threshold=4.0 - tiny) == [2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float16_starts_by_bit_pattern_equal_real_number_comparisons(seed):
+    """Non-negative float16 entropies are compared as int16 bit patterns: the same starts as
+    comparing the values as real numbers, for any threshold (zero, -0.0, negative, on and between
+    float16 values); a -0.0 or negative entropy takes numpy's float16 comparison."""
+    rng = np.random.default_rng(seed)
+    lengths_ = rng.integers(0, 50, 40)
+    grid = np.array([0.0, 2.0**-24, 2.0**-14, 0.5, 1.0, 1.0009765625, 3.0, 65504.0], F16)
+    e = rng.choice(grid, int(lengths_.sum())) if seed % 2 else rng.gamma(1.0, 1.0, int(lengths_.sum())).astype(F16)
+    for values in (e, np.where(rng.random(e.size) < 0.1, -e, e).astype(F16)):  # the second one has signs
+        for threshold in (0.0, -0.0, -1e-9, -2.0, 2.0**-25, 2.0**-24, 0.5, 1.0005, 1.0009765625, 3.0, 7e4):
+            rule = PatchRule(threshold=threshold)
+            got = patch_lengths_batch(lengths_, values, rule)
+            starts = values.astype(np.float64) > threshold  # the rule as written: real numbers
+            want = patches_from_starts(starts, np.r_[0, np.cumsum(lengths_)], lengths_)
+            assert np.array_equal(got.patch_lengths, want.patch_lengths) and np.array_equal(got.num_patches, want.num_patches)
 
 
 def test_max_patch_length_cuts_from_the_start():

@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from blt_data.stats import ENTROPY_BINS, DatasetStats, patch_stats
+from blt_data.stats import ENTROPY_BINS, ENTROPY_BINS_PER_NAT, DatasetStats, entropy_summary, patch_stats
 
 
 def patches_stats(lengths: list[list[int]], seed: int) -> DatasetStats:
@@ -54,3 +54,27 @@ def test_manifest_stats_and_unit_records_written_before_still_read():
                   "entropy_histogram": [], "entropy_sum": 0.0}
     r = DatasetStats.model_validate(old_record)
     assert r.entropy_histogram is None and r.entropy_sum is None and r.mean_patch_length == 2.0
+
+
+def _entropy_summary_direct(e: np.ndarray) -> tuple[np.ndarray, float]:
+    """The histogram and sum as first written: float32 bins, float64 sum of the values."""
+    e32 = e.astype(np.float32)
+    bins = np.clip(e32 * ENTROPY_BINS_PER_NAT, 0, ENTROPY_BINS - 1).astype(np.int64)
+    return np.bincount(bins, minlength=ENTROPY_BINS), float(e32.astype(np.float64).sum())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_entropy_summary_by_bit_pattern_equals_the_direct_one(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 20000))
+    every = rng.integers(0, 1 << 16, n).astype(np.uint16).view(np.float16)
+    for e in (
+        rng.gamma(2.0, 0.8, n), rng.uniform(-8, 8, n), rng.uniform(0, 1e-6, n),  # negatives, subnormals
+        every[np.isfinite(every)], np.zeros(0),
+    ):
+        e = e.astype(np.float16)
+        histogram, total = entropy_summary(e)
+        direct = _entropy_summary_direct(e)
+        assert histogram.tolist() == direct[0].tolist() and total == direct[1]
+    with_inf = np.array([1.0, np.inf], np.float16)  # not finite: the direct path, as before
+    assert entropy_summary(with_inf)[1] == np.inf and entropy_summary(with_inf)[0].tolist() == _entropy_summary_direct(with_inf)[0].tolist()
