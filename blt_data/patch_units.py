@@ -1,8 +1,11 @@
 """Units of work of the patch step (DESIGN.md §6): plan them, read one, patch one.
 
-A *unit* is a run of consecutive lines of one documents part, of at most ``unit_bytes`` bytes of
+A *unit* is a run of consecutive lines of one documents part, of at most ``unit_size`` bytes of
 JSON lines (a single longer document makes a unit of its own). Units are numbered in manifest
-order, part by part, so the plan is a pure function of the input manifest and ``unit_bytes``.
+order, part by part, so the plan is a pure function of the input manifest and the unit size
+(``unit_size``: the configured size, made smaller on small inputs so that every worker gets
+several units). A job stores its plan once (``plan.json``, put-if-absent) so that a restart does
+not read the input again.
 
 Doing unit k (``patch_unit``) writes, in this order:
 
@@ -13,6 +16,14 @@ Invariant: a completion record exists only once its part is published whole, and
 pure function of the unit's documents and the job's parameters; so a record can be trusted by
 any later process, and a unit redone after a crash writes the same bytes again.
 
+Compaction (``Completion``): once every unit of a block of ``BLOCK_UNITS`` consecutive units has
+its record, the driver writes ``_done/batch-<first:06d>-<last:06d>.json`` (the block's parts and
+its statistics summed in unit order), then deletes the block's loose records. A crash between
+the two leaves both, and they agree; readers take a block's batch over its loose records. So a
+restart reads O(units / BLOCK_UNITS) objects, and per-unit statistics (an entropy histogram of
+1,537 bins each) are never read back once their block is summed. A job's last block, when it is
+shorter, stays loose: the commit that follows reads it once.
+
 When every unit has its record, ``commit_patches`` publishes the manifest (the one patches
 commit, shared by ``patch`` and ``repatch``).
 
@@ -22,6 +33,9 @@ hands it the scoring function (the entropy model stays outside ``blt_data``).
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections import Counter
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -38,6 +52,14 @@ from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 R = TypeVar("R", bound=BaseModel)
+
+# How units are cut: part of the job id, so that a job folder begun under another plan is never
+# finished under this one (2: units shrink on small inputs, see `unit_size`).
+PLAN_VERSION = 2
+MIN_UNIT_BYTES = 64 * 1024  # smaller units cost more in per-unit overhead than they gain in balance
+PLAN_FILE = "plan.json"
+BLOCK_UNITS = 1000  # completion records per compacted batch
+_BATCH_RE = re.compile(r"batch-(\d+)-(\d+)\.json$")
 
 # texts -> one float array of per-byte entropies (nats) per text, in order.
 ScoreFn = Callable[[list[str]], Iterable[np.ndarray]]
@@ -85,6 +107,20 @@ def record_path(spec: UnitSpec, index: int) -> str:
     return f"{spec.job_dir}/_done/unit-{index:06d}.json"
 
 
+def unit_size(unit_bytes: int, docs: Manifest, parts: list[PartInfo], min_units: int) -> int:
+    """Bytes per unit: ``unit_bytes``, or less on a small input so that it makes about
+    ``min_units`` units (never under MIN_UNIT_BYTES, unless ``unit_bytes`` itself is smaller).
+
+    The input's size comes from its manifest, so no part is read: the documents' text bytes,
+    times the share of the parts' stored bytes that ``parts`` hold (all of them unless the job
+    patches some chunks only). JSON lines are a little longer than their text; an estimate is
+    all that is needed here.
+    """
+    stored = sum(p.bytes for p in docs.parts)
+    total = docs.stats.bytes * sum(p.bytes for p in parts) // stored if stored else 0
+    return min(unit_bytes, max(MIN_UNIT_BYTES, math.ceil(total / min_units)))
+
+
 def plan_units(registry: Registry, docs: Manifest, unit_bytes: int, parts: list[PartInfo] | None = None) -> list[Unit]:
     """Every unit of a documents dataset (or of some of its `parts`). Reads each part once
     (line lengths only), checking it against its manifest entry (size and sha256)."""
@@ -103,20 +139,84 @@ def plan_units(registry: Registry, docs: Manifest, unit_bytes: int, parts: list[
     return units
 
 
+def save_plan(store: Store, job_dir: str, units: list[Unit]) -> bool:
+    """Store a job's plan once (put-if-absent); True if this call stored it. Columns, not one
+    object per unit: a million units are ~20 MB and read back in about a second."""
+    split = {u.part: u.split for u in units}
+    parts = list(split)
+    where = {p: i for i, p in enumerate(parts)}
+    plan = {
+        "plan_version": PLAN_VERSION, "parts": parts, "splits": [split[p] for p in parts],
+        "part": [where[u.part] for u in units], "start": [u.start for u in units],
+        "stop": [u.stop for u in units], "bytes": [u.bytes for u in units],
+    }
+    return store.put_if_absent(f"{job_dir}/{PLAN_FILE}", json.dumps(plan, separators=(",", ":")).encode())
+
+
+def load_plan(store: Store, job_dir: str) -> list[Unit] | None:
+    """The plan a job stored (`save_plan`), or None if it stored none yet."""
+    rel = f"{job_dir}/{PLAN_FILE}"
+    try:
+        plan = json.loads(store.read_bytes(rel))
+    except FileNotFoundError:
+        return None
+    if plan.get("plan_version") != PLAN_VERSION:  # the job id includes it: another version is a damaged folder
+        raise ValueError(f"{store.uri(rel)} has plan version {plan.get('plan_version')}, expected {PLAN_VERSION}")
+    parts, splits = plan["parts"], plan["splits"]
+    # model_construct: the plan was validated when made; a million validations cost seconds.
+    return [
+        Unit.model_construct(index=i, part=parts[p], split=splits[p], start=start, stop=stop, bytes=n)
+        for i, (p, start, stop, n) in enumerate(zip(plan["part"], plan["start"], plan["stop"], plan["bytes"]))
+    ]
+
+
 def iter_unit_lines(store: Store, input_dir: str, unit: Unit) -> Iterator[bytes]:
-    # A part is one zstd frame, so reaching line `start` means decompressing what precedes it;
-    # that costs far less than scoring the unit (GB/s against MB/s).
-    for i, raw in enumerate(iter_lines(store, f"{input_dir}/{unit.part}")):
-        if i >= unit.stop:
-            return
-        if i >= unit.start:
-            yield raw
+    yield from PartReader(store, input_dir).lines(unit)
 
 
-def read_unit(store: Store, input_dir: str, unit: Unit) -> tuple[list[str], list[str]]:
+class PartReader:
+    """Reads units' lines, carrying on through a part across consecutive units.
+
+    A part is one zstd frame, so reaching line ``start`` means decompressing what precedes it.
+    A fresh read per unit made that quadratic in the units per part (half the per-unit cost of
+    small units, measured); a worker that keeps one reader and is given consecutive units reads
+    each part once.
+    """
+
+    def __init__(self, store: Store, input_dir: str):
+        self.store, self.input_dir = store, input_dir
+        self._part: str | None = None
+        self._lines: Iterator[bytes] | None = None
+        self._at = 0  # index of the next line self._lines yields
+
+    def lines(self, unit: Unit) -> list[bytes]:
+        """Lines [start, stop) of the unit's part (fewer if the part ends before)."""
+        if self._lines is None or unit.part != self._part or unit.start < self._at:
+            self.close()
+            self._lines, self._part = iter_lines(self.store, f"{self.input_dir}/{unit.part}"), unit.part
+        out = []
+        try:
+            for raw in self._lines:
+                self._at += 1
+                if self._at > unit.start:
+                    out.append(raw)
+                    if self._at == unit.stop:
+                        break
+        except BaseException:
+            self.close()
+            raise
+        return out
+
+    def close(self) -> None:
+        if self._lines is not None:
+            self._lines.close()  # type: ignore[attr-defined]
+        self._lines, self._part, self._at = None, None, 0
+
+
+def read_unit(store: Store, input_dir: str, unit: Unit, reader: PartReader | None = None) -> tuple[list[str], list[str]]:
     ids, texts = [], []
     where = store.uri(f"{input_dir}/{unit.part}")
-    for i, raw in enumerate(iter_unit_lines(store, input_dir, unit)):
+    for i, raw in enumerate((reader or PartReader(store, input_dir)).lines(unit)):
         doc = parse_document(raw, where, unit.start + i + 1)
         ids.append(doc["id"])
         texts.append(doc["text"])
@@ -146,9 +246,9 @@ def calibration_sample(store: Store, input_dir: str, units: list[Unit], sample_b
     return [t for t in texts if t]
 
 
-def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None) -> UnitRecord:
+def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None, reader: PartReader | None = None) -> UnitRecord:
     """Read, score (when ``score`` is given), patch and write one unit, then its record."""
-    ids, texts = read_unit(store, spec.input_dir, unit)
+    ids, texts = read_unit(store, spec.input_dir, unit, reader)
     entropies = eos_entropy = None
     if score is not None:
         # Rounded to float16 before patching: the rule sees exactly what is stored, so a repatch
@@ -177,36 +277,166 @@ def load_records(store: Store, spec: UnitSpec) -> dict[int, UnitRecord]:
 
 
 def read_records(store: Store, job_dir: str, model: type[R]) -> dict[int, R]:
-    """Completion records (any model with a `unit` field) found in a job folder's `_done/`, by
-    unit: one listing, then one read each."""
+    """Loose completion records (any model with a `unit` field) found in a job folder's `_done/`,
+    by unit: one listing, then one read each. Compacted batches are `Completion`'s to read."""
     records = {}
     for rel in store.list(f"{job_dir}/_done"):
-        if rel.endswith(".json"):
+        if rel.rsplit("/", 1)[-1].startswith("unit-") and rel.endswith(".json"):
             record = model.model_validate_json(store.read_bytes(rel))
             records[record.unit] = record
     return records
 
 
+class RecordBatch(BaseModel):
+    """The compacted completion records of units first..last: their parts, in unit order, and
+    their statistics summed in unit order."""
+
+    model_config = ConfigDict(extra="forbid")
+    first: int
+    last: int
+    parts: list[PartInfo]
+    stats: DatasetStats
+
+
+def batch_path(job_dir: str, first: int, last: int) -> str:
+    return f"{job_dir}/_done/batch-{first:06d}-{last:06d}.json"
+
+
+class Completion:
+    """What a job has finished: its completion records, loose and compacted, by unit.
+
+    Statistics are summed block by block (``BLOCK_UNITS`` units, in unit order), then the blocks
+    in order, whether a block was summed when it was compacted or is summed at commit from its
+    loose records: so a resumed job's float sums equal an uninterrupted one's, however its
+    records were compacted.
+    """
+
+    def __init__(self, store: Store, job_dir: str, num_units: int):
+        self.store, self.job_dir, self.num_units = store, job_dir, num_units
+        self.block_units = BLOCK_UNITS  # read when made, so a test can make it small
+        self.parts: dict[int, PartInfo] = {}
+        self._loose: dict[int, DatasetStats] = {}  # units whose block is not compacted
+        self._blocks: dict[int, DatasetStats] = {}  # compacted block -> its summed stats
+        self._done_in_block: Counter[int] = Counter()
+
+    @classmethod
+    def load(cls, store: Store, job_dir: str, num_units: int) -> "Completion":
+        """Read `_done/`: one listing, the batches (read together), then the loose records of
+        blocks without a batch. Loose records a batch covers (a crash between compaction's write
+        and its deletes) are deleted now."""
+        done = cls(store, job_dir, num_units)
+        batches, loose = [], []
+        for rel in store.list(f"{job_dir}/_done"):
+            name = rel.rsplit("/", 1)[-1]
+            if _BATCH_RE.fullmatch(name):
+                batches.append(rel)
+            elif name.startswith("unit-") and name.endswith(".json"):
+                loose.append(rel)
+        for data in store.read_many(batches):
+            batch = RecordBatch.model_validate_json(data)
+            block = batch.first // done.block_units
+            if (batch.first, batch.last) != done._block_range(block) or len(batch.parts) != batch.last - batch.first + 1:
+                raise ValueError(f"{store.uri(batch_path(job_dir, batch.first, batch.last))} does not match this job's plan")
+            done._blocks[block] = batch.stats
+            done.parts.update(zip(range(batch.first, batch.last + 1), batch.parts))
+            done._done_in_block[block] = len(batch.parts)
+        stale = []
+        for rel in loose:
+            index = int(rel.rsplit("-", 1)[-1].removesuffix(".json"))
+            if index // done.block_units in done._blocks:
+                stale.append(rel)  # its batch holds it (the same PartInfo: both come from one record)
+                continue
+            record = UnitRecord.model_validate_json(store.read_bytes(rel))
+            done._add(record)
+        store.delete_many(stale)
+        return done
+
+    def __contains__(self, unit: int) -> bool:
+        return unit in self.parts
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def _block_range(self, block: int) -> tuple[int, int]:
+        return block * self.block_units, min((block + 1) * self.block_units, self.num_units) - 1
+
+    def _add(self, record: UnitRecord) -> int:
+        block = record.unit // self.block_units
+        if record.unit not in self.parts:
+            self._done_in_block[block] += 1
+        self.parts[record.unit] = record.part
+        if block not in self._blocks:
+            self._loose[record.unit] = record.stats
+        return block
+
+    def add(self, record: UnitRecord, compact: bool = True) -> None:
+        """A unit's record (already written loose); compacts its block once the block is complete."""
+        block = self._add(record)
+        if compact and self._complete(block):
+            self.compact(block)
+
+    def _complete(self, block: int) -> bool:
+        """A full-sized block not compacted yet, all of whose units are done."""
+        first, last = self._block_range(block)
+        return block not in self._blocks and last - first + 1 == self.block_units == self._done_in_block[block]
+
+    def compact_complete(self) -> None:
+        """Compact every complete block still held in loose records (left by a driver that
+        stopped before compacting it)."""
+        for block in sorted({i // self.block_units for i in self._loose}):
+            if self._complete(block):
+                self.compact(block)
+
+    def compact(self, block: int) -> None:
+        """Write the block's batch, then delete its loose records (the order readers rely on)."""
+        first, last = self._block_range(block)
+        stats = self._block_stats(block)
+        batch = RecordBatch(first=first, last=last, parts=[self.parts[i] for i in range(first, last + 1)], stats=stats)
+        self.store.write_bytes(batch_path(self.job_dir, first, last), batch.model_dump_json().encode())
+        self._blocks[block] = stats
+        for i in range(first, last + 1):
+            del self._loose[i]
+        self.store.delete_many([f"{self.job_dir}/_done/unit-{i:06d}.json" for i in range(first, last + 1)])
+
+    def _block_stats(self, block: int) -> DatasetStats:
+        if block in self._blocks:
+            return self._blocks[block]
+        first, last = self._block_range(block)
+        return sum((self._loose[i] for i in range(first, last + 1)), DatasetStats())
+
+    def ordered_parts(self) -> list[PartInfo]:
+        missing = [i for i in range(self.num_units) if i not in self.parts]
+        if missing:
+            raise ValueError(f"{len(missing)} units have no completion record (the first: unit {missing[0]})")
+        return [self.parts[i] for i in range(self.num_units)]
+
+    def stats(self) -> DatasetStats:
+        """The job's statistics: block sums, added in block order."""
+        return sum((self._block_stats(b) for b in range(math.ceil(self.num_units / self.block_units))), DatasetStats())
+
+
 def commit_patches(
-    registry: Registry, spec: UnitSpec, records: list[UnitRecord], requested: PatchRule,
+    registry: Registry, spec: UnitSpec, done: Completion, requested: PatchRule,
     calibration: Calibration | None, parents: list[str], params: dict,
 ) -> Manifest:
-    """Commit a patches dataset from its unit records, in unit order (``patch`` and ``repatch``).
+    """Commit a patches dataset from its completion records, in unit order (``patch`` and
+    ``repatch``).
 
-    Statistics add in unit order, so the float sums of a resumed job equal an uninterrupted
-    one's. ``params`` (input, model, scoring, ...) are completed with the rule as requested, its
-    threshold as applied, and the calibration.
+    Statistics add in a fixed order (`Completion.stats`), so the float sums of a resumed job
+    equal an uninterrupted one's. ``params`` (input, model, scoring, ...) are completed with the
+    rule as requested, its threshold as applied, and the calibration.
     """
-    stats = sum((r.stats for r in records), DatasetStats())
+    parts = done.ordered_parts()
+    stats = done.stats()
     splits = Counter()
-    for r in records:
-        splits[r.part.split] += r.part.rows
+    for part in parts:
+        splits[part.split] += part.rows
     rule = requested.params() | {"threshold": spec.patch.threshold}
     manifest = Manifest(
         name=spec.name, kind="patches", job_id=spec.job_id, parents=parents,
         params={**params, **rule, "calibration": calibration.model_dump() if calibration else None,
                 "entropies": spec.keep_entropies, "eos_entropy": spec.keep_eos_entropy},
-        arrow_schema=arrow_schema_summary(spec.keep_entropies, spec.keep_eos_entropy), parts=[r.part for r in records],
+        arrow_schema=arrow_schema_summary(spec.keep_entropies, spec.keep_eos_entropy), parts=parts,
         stats=stats.model_copy(update={"splits": dict(sorted(splits.items()))}),
     )
     return registry.commit(manifest)
