@@ -37,6 +37,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -65,10 +66,13 @@ _BATCH_RE = re.compile(r"batch-(\d+)-(\d+)\.json$")
 ScoreFn = Callable[[list[str]], Iterable[np.ndarray]]
 
 
-class Unit(BaseModel):
-    """Lines [start, stop) of input part ``part`` (its path relative to the input dataset)."""
+@dataclass(slots=True)
+class Unit:
+    """Lines [start, stop) of input part ``part`` (its path relative to the input dataset).
 
-    model_config = ConfigDict(extra="forbid")
+    A dataclass, not a pydantic model: a restart makes one per unit of its stored plan, and a
+    million pydantic models take tens of seconds to build (measured 40 us each)."""
+
     index: int
     part: str
     split: str
@@ -163,9 +167,8 @@ def load_plan(store: Store, job_dir: str) -> list[Unit] | None:
     if plan.get("plan_version") != PLAN_VERSION:  # the job id includes it: another version is a damaged folder
         raise ValueError(f"{store.uri(rel)} has plan version {plan.get('plan_version')}, expected {PLAN_VERSION}")
     parts, splits = plan["parts"], plan["splits"]
-    # model_construct: the plan was validated when made; a million validations cost seconds.
     return [
-        Unit.model_construct(index=i, part=parts[p], split=splits[p], start=start, stop=stop, bytes=n)
+        Unit(i, parts[p], splits[p], start, stop, n)
         for i, (p, start, stop, n) in enumerate(zip(plan["part"], plan["start"], plan["stop"], plan["bytes"]))
     ]
 
@@ -288,14 +291,27 @@ def read_records(store: Store, job_dir: str, model: type[R]) -> dict[int, R]:
 
 
 class RecordBatch(BaseModel):
-    """The compacted completion records of units first..last: their parts, in unit order, and
-    their statistics summed in unit order."""
+    """The compacted completion records of units first..last: their parts as columns (unit
+    order), and their statistics summed in unit order. Columns, because a restart reads a
+    thousand of these: as lists of PartInfo they would cost seconds more per million units."""
 
     model_config = ConfigDict(extra="forbid")
     first: int
     last: int
-    parts: list[PartInfo]
+    path: list[str]
+    rows: list[int]
+    bytes: list[int]
+    sha256: list[str]
+    split: list[str]
     stats: DatasetStats
+
+    @classmethod
+    def of(cls, first: int, last: int, parts: list[PartInfo], stats: DatasetStats) -> "RecordBatch":
+        return cls(first=first, last=last, stats=stats, **{k: [getattr(p, k) for p in parts] for k in ("path", "rows", "bytes", "sha256", "split")})
+
+    def part(self, unit: int) -> PartInfo:
+        i = unit - self.first
+        return PartInfo(path=self.path[i], rows=self.rows[i], bytes=self.bytes[i], sha256=self.sha256[i], split=self.split[i])
 
 
 def batch_path(job_dir: str, first: int, last: int) -> str:
@@ -314,16 +330,15 @@ class Completion:
     def __init__(self, store: Store, job_dir: str, num_units: int):
         self.store, self.job_dir, self.num_units = store, job_dir, num_units
         self.block_units = BLOCK_UNITS  # read when made, so a test can make it small
-        self.parts: dict[int, PartInfo] = {}
-        self._loose: dict[int, DatasetStats] = {}  # units whose block is not compacted
-        self._blocks: dict[int, DatasetStats] = {}  # compacted block -> its summed stats
+        self._batches: dict[int, RecordBatch] = {}  # compacted block -> its batch
+        self._loose: dict[int, UnitRecord] = {}  # units of blocks not compacted
         self._done_in_block: Counter[int] = Counter()
 
     @classmethod
     def load(cls, store: Store, job_dir: str, num_units: int) -> "Completion":
-        """Read `_done/`: one listing, the batches (read together), then the loose records of
-        blocks without a batch. Loose records a batch covers (a crash between compaction's write
-        and its deletes) are deleted now."""
+        """Read `_done/`: one listing, then the batches and the loose records of blocks without a
+        batch, each kind read together. Loose records a batch covers (a crash between
+        compaction's write and its deletes) are deleted now."""
         done = cls(store, job_dir, num_units)
         batches, loose = [], []
         for rel in store.list(f"{job_dir}/_done"):
@@ -332,41 +347,48 @@ class Completion:
                 batches.append(rel)
             elif name.startswith("unit-") and name.endswith(".json"):
                 loose.append(rel)
-        for data in store.read_many(batches):
+        for rel, data in zip(batches, store.read_many(batches)):
             batch = RecordBatch.model_validate_json(data)
             block = batch.first // done.block_units
-            if (batch.first, batch.last) != done._block_range(block) or len(batch.parts) != batch.last - batch.first + 1:
-                raise ValueError(f"{store.uri(batch_path(job_dir, batch.first, batch.last))} does not match this job's plan")
-            done._blocks[block] = batch.stats
-            done.parts.update(zip(range(batch.first, batch.last + 1), batch.parts))
-            done._done_in_block[block] = len(batch.parts)
-        stale = []
+            n = batch.last - batch.first + 1
+            if (batch.first, batch.last) != done._block_range(block) or not all(
+                len(c) == n for c in (batch.path, batch.rows, batch.bytes, batch.sha256, batch.split)
+            ):
+                raise ValueError(f"{store.uri(rel)} does not match this job's plan")
+            done._batches[block] = batch
+            done._done_in_block[block] = n
+        stale, live = [], []
         for rel in loose:
             index = int(rel.rsplit("-", 1)[-1].removesuffix(".json"))
-            if index // done.block_units in done._blocks:
-                stale.append(rel)  # its batch holds it (the same PartInfo: both come from one record)
-                continue
-            record = UnitRecord.model_validate_json(store.read_bytes(rel))
-            done._add(record)
+            # A loose record whose block has a batch is a duplicate the batch was made from.
+            (stale if index // done.block_units in done._batches else live).append(rel)
+        for data in store.read_many(live):
+            done._add(UnitRecord.model_validate_json(data))
         store.delete_many(stale)
         return done
 
     def __contains__(self, unit: int) -> bool:
-        return unit in self.parts
+        return unit // self.block_units in self._batches or unit in self._loose
 
     def __len__(self) -> int:
-        return len(self.parts)
+        return sum(self._done_in_block.values())
+
+    def part(self, unit: int) -> PartInfo | None:
+        batch = self._batches.get(unit // self.block_units)
+        if batch is not None:
+            return batch.part(unit)
+        record = self._loose.get(unit)
+        return record.part if record is not None else None
 
     def _block_range(self, block: int) -> tuple[int, int]:
         return block * self.block_units, min((block + 1) * self.block_units, self.num_units) - 1
 
     def _add(self, record: UnitRecord) -> int:
         block = record.unit // self.block_units
-        if record.unit not in self.parts:
-            self._done_in_block[block] += 1
-        self.parts[record.unit] = record.part
-        if block not in self._blocks:
-            self._loose[record.unit] = record.stats
+        if block not in self._batches:
+            if record.unit not in self._loose:
+                self._done_in_block[block] += 1
+            self._loose[record.unit] = record
         return block
 
     def add(self, record: UnitRecord, compact: bool = True) -> None:
@@ -378,7 +400,7 @@ class Completion:
     def _complete(self, block: int) -> bool:
         """A full-sized block not compacted yet, all of whose units are done."""
         first, last = self._block_range(block)
-        return block not in self._blocks and last - first + 1 == self.block_units == self._done_in_block[block]
+        return block not in self._batches and last - first + 1 == self.block_units == self._done_in_block[block]
 
     def compact_complete(self) -> None:
         """Compact every complete block still held in loose records (left by a driver that
@@ -390,25 +412,26 @@ class Completion:
     def compact(self, block: int) -> None:
         """Write the block's batch, then delete its loose records (the order readers rely on)."""
         first, last = self._block_range(block)
-        stats = self._block_stats(block)
-        batch = RecordBatch(first=first, last=last, parts=[self.parts[i] for i in range(first, last + 1)], stats=stats)
+        units = range(first, last + 1)
+        batch = RecordBatch.of(first, last, [self._loose[i].part for i in units], self._block_stats(block))
         self.store.write_bytes(batch_path(self.job_dir, first, last), batch.model_dump_json().encode())
-        self._blocks[block] = stats
-        for i in range(first, last + 1):
+        self._batches[block] = batch
+        for i in units:
             del self._loose[i]
-        self.store.delete_many([f"{self.job_dir}/_done/unit-{i:06d}.json" for i in range(first, last + 1)])
+        self.store.delete_many([f"{self.job_dir}/_done/unit-{i:06d}.json" for i in units])
 
     def _block_stats(self, block: int) -> DatasetStats:
-        if block in self._blocks:
-            return self._blocks[block]
+        if block in self._batches:
+            return self._batches[block].stats
         first, last = self._block_range(block)
-        return sum((self._loose[i] for i in range(first, last + 1)), DatasetStats())
+        return sum((self._loose[i].stats for i in range(first, last + 1)), DatasetStats())
 
     def ordered_parts(self) -> list[PartInfo]:
-        missing = [i for i in range(self.num_units) if i not in self.parts]
+        parts = [self.part(i) for i in range(self.num_units)]
+        missing = [i for i, p in enumerate(parts) if p is None]
         if missing:
             raise ValueError(f"{len(missing)} units have no completion record (the first: unit {missing[0]})")
-        return [self.parts[i] for i in range(self.num_units)]
+        return parts  # type: ignore[return-value]
 
     def stats(self) -> DatasetStats:
         """The job's statistics: block sums, added in block order."""

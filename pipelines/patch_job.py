@@ -50,13 +50,14 @@ from tqdm import tqdm
 
 from blt_data.calibrate import Calibration, calibrated
 from blt_data.jobs import EXECUTION, output_fields
+from blt_data import patch_units
 from blt_data.patch_units import (
     PLAN_VERSION, Completion, PartReader, Unit, UnitRecord, UnitSpec, calibration_sample, commit_patches, load_plan,
     patch_unit, plan_units, save_plan, unit_size,
 )
 from blt_data.patches import FORMAT_VERSION
 from blt_data.patching import ENTROPY_SCHEMES, PatchRule
-from blt_data.registry import Manifest, Registry, check_name, job_hash
+from blt_data.registry import Manifest, PartInfo, Registry, check_name, job_hash
 from blt_data.shuffle import chunk_parts
 from blt_data.storage import Store
 
@@ -223,6 +224,18 @@ def _scoring(cfg: PatchJobConfig, model: ModelInfo | None) -> dict[str, Any] | N
 def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
     """Resolve the inputs, compute the job id and list the units (the job folder's stored plan
     if it has one, else read from the input); writes nothing."""
+    cfg, docs, model, spec, parts = resolve_job(registry, cfg)
+    size = unit_size(cfg.unit_bytes, docs, parts, cfg.min_units)
+    units = load_plan(registry.store, spec.job_dir)
+    stored = units is not None
+    if units is None:
+        units = plan_units(registry, docs, size, parts)
+    return PatchPlan(config=cfg, docs=docs, model=model, job_id=spec.job_id, units=units, spec=spec, unit_size=size, stored=stored)
+
+
+def resolve_job(registry: Registry, cfg: PatchJobConfig) -> tuple[PatchJobConfig, Manifest, ModelInfo | None, UnitSpec, list[PartInfo]]:
+    """The config as it runs, its input manifest and model, the units' shared spec (with the job
+    id) and the input parts the job patches: everything but the units."""
     cfg = with_recorded_threshold(registry, cfg)
     docs = registry.resolve(cfg.docs, kind="documents")
     model = resolve_model(registry, cfg.model_ref) if cfg.model_ref else None
@@ -241,12 +254,7 @@ def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
         parts = chunk_parts(docs, cfg.chunks)
     except ValueError as e:
         raise PatchJobError(str(e)) from None
-    size = unit_size(cfg.unit_bytes, docs, parts, cfg.min_units)
-    units = load_plan(registry.store, spec.job_dir)
-    stored = units is not None
-    if units is None:
-        units = plan_units(registry, docs, size, parts)
-    return PatchPlan(config=cfg, docs=docs, model=model, job_id=job_id, units=units, spec=spec, unit_size=size, stored=stored)
+    return cfg, docs, model, spec, parts
 
 
 class PatchWorker:
@@ -388,34 +396,38 @@ IN_FLIGHT = 2  # calls queued on each actor: it starts its next unit without wai
 class _Schedule:
     """Which unit each actor does next.
 
-    Each actor works through its own run of consecutive units (so its ``PartReader`` reads each
-    input part once); an actor whose run is done takes the back half of the longest run left.
-    A unit to retry goes first to an actor it has not failed on; to the one it failed on only
-    when nothing else is left for that actor.
+    Units go out in runs: consecutive units of one input part, taken from the head of the plan,
+    so an actor's ``PartReader`` reads through a part once; an actor whose run is done takes the
+    next run, or, when none is left, the back half of the longest run another actor holds.
+    Runs are short enough (at most BLOCK_UNITS / (4 x actors) units) that units finish roughly
+    in plan order: a block or two of records are loose at any time, which bounds what a restart
+    reads. A unit to retry goes first to an actor it has not failed on; to the one it failed on
+    only when nothing else is left for that actor.
     """
 
     def __init__(self, todo: list[Unit], slots: int):
-        n = len(todo)
-        self.runs = [deque(todo[i * n // slots:(i + 1) * n // slots]) for i in range(slots)]
+        cap = max(1, patch_units.BLOCK_UNITS // (4 * slots))
+        self.runs: deque[deque[Unit]] = deque()
+        for unit in todo:
+            last = self.runs[-1][-1] if self.runs else None
+            if last is None or len(self.runs[-1]) >= cap or unit.part != last.part or unit.index != last.index + 1:
+                self.runs.append(deque())
+            self.runs[-1].append(unit)
+        self.held: list[deque[Unit]] = [deque() for _ in range(slots)]
         self.retry: deque[tuple[Unit, int]] = deque()  # (unit, slot it last failed on)
-
-    def __bool__(self) -> bool:
-        return bool(self.retry) or any(self.runs)
 
     def next(self, slot: int) -> Unit | None:
         for i, (unit, failed_on) in enumerate(self.retry):
             if failed_on != slot:
                 del self.retry[i]
                 return unit
-        run = self.runs[slot]
+        run = self.held[slot]
+        if not run and self.runs:
+            self.held[slot] = run = self.runs.popleft()
         if not run:
-            longest = max(range(len(self.runs)), key=lambda s: len(self.runs[s]))
-            other = self.runs[longest]
-            if len(other) > 1:
-                for _ in range(len(other) // 2):
-                    run.appendleft(other.pop())
-            elif other:
-                run.append(other.pop())
+            other = max(self.held, key=len)
+            for _ in range((len(other) + 1) // 2):
+                run.appendleft(other.pop())
         if run:
             return run.popleft()
         if self.retry:
@@ -424,7 +436,7 @@ class _Schedule:
 
     def put_back(self, slot: int, units: list[Unit]) -> None:
         """Units an actor had queued when it died: its replacement does them next, in order."""
-        self.runs[slot].extendleft(reversed(units))
+        self.held[slot].extendleft(reversed(units))
 
 
 def _run_units(plan: PatchPlan, spec: UnitSpec, todo: list[Unit], pool: _Pool, bar: tqdm, done: Completion) -> None:
@@ -543,7 +555,7 @@ def load_completion(registry: Registry, plan: PatchPlan) -> Completion:
 
 def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, done: Completion, calibration: Calibration | None) -> Manifest:
     for unit in plan.units:
-        part = done.parts.get(unit.index)
+        part = done.part(unit.index)
         if part is None or part.rows != unit.stop - unit.start:
             raise PatchJobError(f"unit {unit.index} has no valid completion record; rerun the job")
     cfg = plan.config
