@@ -11,8 +11,8 @@ overhead  `run_patch_job` (static scheme, no model, 2 actors on a Ray started on
           count is the per-unit overhead (the rest of the work is the same in every run).
 restart   the driver's restart without Ray (`plan_patch_job` + `load_completion` + the units
           left) on a synthetic job folder: a documents manifest, the job's stored plan, N done
-          units in compacted batches and 300 loose records of the block in progress, written
-          directly (no job runs). On local disk and on a moto S3 server on loopback (its own
+          units in batches of 10,000, then 37 batches of 100 and 63 loose records of the run in
+          progress, written directly (no job runs). On local disk and on a moto S3 server on loopback (its own
           process, as a real store would be).
 
 Writes bench/results/units.json (merged with what is there, keyed by --label).
@@ -46,7 +46,8 @@ from pipelines.patch_job import PatchJobConfig, plan_patch_job, run_patch_job
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "units.json"
 UNIT_COUNTS = (10, 30, 100, 300, 1000)
-LOOSE = 300  # records of the block in progress, left loose
+BLOCKS = 37  # batches of the first level in the run of 10,000 units in progress
+LOOSE = 63  # records of the block in progress, left loose
 
 
 def write_corpus(path: Path, total_bytes: int, seed: int = 0) -> None:
@@ -118,14 +119,16 @@ def _unit_stats(rng: np.random.Generator) -> DatasetStats:
 
 
 def make_job_folder(reg: Registry, done: int) -> tuple[PatchJobConfig, int]:
-    """A documents manifest of done/1000 + 1 parts (1,000 units each), and a patch job folder
-    whose plan has done + 1,000 units: the first `done` in compacted batches, LOOSE more loose.
+    """A documents manifest of 1,000 units per part, and a patch job folder whose plan has
+    done + 10,000 units: the first `done` in batches of 10,000 units, BLOCKS more in batches of
+    100 and LOOSE more loose (a driver stopped mid-way through a run of 10,000 units).
     Written directly, concurrently on S3; returns the config and the plan's unit count."""
     from blt_data import patch_units as pu
     from pipelines.patch_job import resolve_job
 
-    per_part = pu.BLOCK_UNITS
-    num_units = done + per_part
+    small, wide = pu.BATCH_LEVELS
+    per_part = 1000
+    num_units = done + wide
     nparts = num_units // per_part
     doc_parts = [PartInfo(path=f"_jobs/syn/part-{p:06d}.jsonl.zst", rows=per_part * 100, bytes=10**9, sha256=_sha(p)) for p in range(nparts)]
     reg.commit(Manifest(name="syn", kind="documents", job_id=f"syn-{done}", parts=doc_parts,
@@ -143,10 +146,11 @@ def make_job_folder(reg: Registry, done: int) -> tuple[PatchJobConfig, int]:
         return PartInfo(path=f"_jobs/{spec.job_id}/part-{i:06d}.parquet", rows=100, bytes=5 * 10**6, sha256=_sha(i))
 
     objects = {}
-    for first in range(0, done, per_part):
-        batch = pu.RecordBatch.of(first, first + per_part - 1, [part(i) for i in range(first, first + per_part)], stats)
-        objects[pu.batch_path(spec.job_dir, first, first + per_part - 1)] = batch.model_dump_json().encode()
-    for i in range(done, done + LOOSE):
+    batches = [(first, wide) for first in range(0, done, wide)] + [(done + k * small, small) for k in range(BLOCKS)]
+    for first, size in batches:
+        batch = pu.RecordBatch.of(first, first + size - 1, [part(i) for i in range(first, first + size)], stats)
+        objects[pu.batch_path(spec.job_dir, first, first + size - 1)] = batch.model_dump_json().encode()
+    for i in range(done + BLOCKS * small, done + BLOCKS * small + LOOSE):
         record = pu.UnitRecord(unit=i, part=part(i), stats=stats)
         objects[f"{spec.job_dir}/_done/unit-{i:06d}.json"] = record.model_dump_json().encode()
     _write_all(reg.store, objects)
@@ -174,8 +178,9 @@ def time_restart(reg: Registry, cfg: PatchJobConfig, done: int, num_units: int) 
     completion = load_completion(reg, plan)
     todo = [u for u in plan.units if u.index not in completion]
     end = time.perf_counter()
-    if len(plan.units) != num_units or len(completion) != done + LOOSE or [u.index for u in todo] != list(range(done + LOOSE, num_units)):
-        raise SystemExit(f"restart found {len(completion)} units done of {len(plan.units)}, expected {done + LOOSE} of {num_units}")
+    found = done + BLOCKS * 100 + LOOSE
+    if len(plan.units) != num_units or len(completion) != found or [u.index for u in todo] != list(range(found, num_units)):
+        raise SystemExit(f"restart found {len(completion)} units done of {len(plan.units)}, expected {found} of {num_units}")
     return {"plan_s": round(planned - start, 3), "records_s": round(end - planned, 3), "seconds": round(end - start, 3)}
 
 
@@ -218,7 +223,7 @@ def restart(args) -> list[dict]:
                 t = time.perf_counter()
                 cfg, num_units = make_job_folder(reg, n)
                 made = time.perf_counter() - t
-                row = {"store": where, "done_units": n, "objects_read": n // 1000 + LOOSE + 2, **time_restart(reg, cfg, n, num_units)}
+                row = {"store": where, "done_units": n, "objects_read": n // 10_000 + BLOCKS + LOOSE + 2, **time_restart(reg, cfg, n, num_units)}
                 rows.append(row)
                 print(f"  {where:>5} {n:>9,} units done: restart {row['seconds']:6.2f} s (plan {row['plan_s']:.2f} s, "
                       f"records {row['records_s']:.2f} s; folder made in {made:.1f} s)", flush=True)

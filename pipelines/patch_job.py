@@ -399,14 +399,14 @@ class _Schedule:
     Units go out in runs: consecutive units of one input part, taken from the head of the plan,
     so an actor's ``PartReader`` reads through a part once; an actor whose run is done takes the
     next run, or, when none is left, the back half of the longest run another actor holds.
-    Runs are short enough (at most BLOCK_UNITS / (4 x actors) units) that units finish roughly
-    in plan order: a block or two of records are loose at any time, which bounds what a restart
-    reads. A unit to retry goes first to an actor it has not failed on; to the one it failed on
+    Runs are short enough (at most a quarter of the first compaction level, shared by the
+    actors) that units finish roughly in plan order: a block or two of records are loose at any
+    time, which bounds what a restart reads. A unit to retry goes first to an actor it has not failed on; to the one it failed on
     only when nothing else is left for that actor.
     """
 
     def __init__(self, todo: list[Unit], slots: int):
-        cap = max(1, patch_units.BLOCK_UNITS // (4 * slots))
+        cap = max(1, patch_units.BATCH_LEVELS[0] // (4 * slots))
         self.runs: deque[deque[Unit]] = deque()
         for unit in todo:
             last = self.runs[-1][-1] if self.runs else None

@@ -190,11 +190,11 @@ def test_unit_size_shrinks_on_small_inputs_only():
 
 
 def test_compacted_records_survive_a_crash_between_write_and_delete(local_store_url, monkeypatch):
-    """Blocks of 4 units: complete blocks become batches and their loose records go; the short
-    last block stays loose. A crash after a batch is written but before its loose records are
-    deleted leaves duplicates: a restart takes the batch, deletes the duplicates, and the commit
-    is the one an uncompacted job makes (float sums too, as they add block by block)."""
-    monkeypatch.setattr(patch_units, "BLOCK_UNITS", 4)
+    """Batches of 2 units, then of 4: complete ones are written and what they replace goes; the
+    short last node stays a level below. A crash after a batch is written but before what it
+    replaces is deleted leaves duplicates: a restart takes the widest batch, deletes the rest,
+    and the commit is the one an uncompacted job makes (float sums too: both add the same tree)."""
+    monkeypatch.setattr(patch_units, "BATCH_LEVELS", (2, 4))
     reg = Registry(Store.open(local_store_url))
     units, spec = _patched_units(reg, unit_bytes=1000)
     assert len(units) == 9
@@ -203,18 +203,26 @@ def test_compacted_records_survive_a_crash_between_write_and_delete(local_store_
 
     plain = Completion.load(reg.store, spec.job_dir, len(units))  # loose records only, not compacted
     assert len(plain) == 9 and plain.ordered_parts() == [r.part for r in records]
-    expected = sum((sum((r.stats for r in records[i:i + 4]), DatasetStats()) for i in range(0, 9, 4)), DatasetStats())
+    pair = lambda c: sum((r.stats for r in records[c:c + 2]), DatasetStats())  # noqa: E731
+    expected = sum((sum((pair(c) for c in range(q, min(q + 4, 9), 2)), DatasetStats()) for q in range(0, 9, 4)), DatasetStats())
     assert plain.stats() == expected
 
     done = Completion(reg.store, spec.job_dir, len(units))
-    for r in records:
+    for r in records[:6]:
+        done.add(r)
+    assert sorted(p.name for p in done_dir.iterdir()) == [
+        "batch-000000-000003.json", "batch-000004-000005.json", "unit-000006.json", "unit-000007.json", "unit-000008.json"]
+    small = (done_dir / "batch-000004-000005.json").read_bytes()
+    for r in records[6:]:
         done.add(r)
     compacted = ["batch-000000-000003.json", "batch-000004-000007.json", "unit-000008.json"]
     assert sorted(p.name for p in done_dir.iterdir()) == compacted
-    # The crash: units 4..7 redone (same bytes), as if their loose records had not been deleted.
+    # The crash, at both levels: the batch of units 4-5 and the loose records of units 4..7 back
+    # (redone: the same bytes), as if nothing had been deleted after batch 4-7 was written.
+    (done_dir / "batch-000004-000005.json").write_bytes(small)
     for u in units[4:8]:
         assert patch_unit(reg.store, u, spec, fake_score) == records[u.index]
-    assert len(list(done_dir.iterdir())) == 7
+    assert len(list(done_dir.iterdir())) == 8
     again = Completion.load(reg.store, spec.job_dir, len(units))
     assert sorted(p.name for p in done_dir.iterdir()) == compacted  # the duplicates are gone
     assert len(again) == 9 and all(i in again for i in range(9)) and 9 not in again
@@ -226,12 +234,12 @@ def test_compacted_records_survive_a_crash_between_write_and_delete(local_store_
 
 
 def test_a_batch_that_does_not_fit_the_plan_is_refused(local_store_url, monkeypatch):
-    monkeypatch.setattr(patch_units, "BLOCK_UNITS", 3)
+    monkeypatch.setattr(patch_units, "BATCH_LEVELS", (3, 6))
     reg = Registry(Store.open(local_store_url))
     units, spec = _patched_units(reg, unit_bytes=1000)
     done = Completion(reg.store, spec.job_dir, len(units))
     for u in units[:3]:
         done.add(patch_unit(reg.store, u, spec, fake_score))
-    monkeypatch.setattr(patch_units, "BLOCK_UNITS", 4)  # read with another block size: another plan
+    monkeypatch.setattr(patch_units, "BATCH_LEVELS", (4, 8))  # read with other batch sizes: another plan
     with pytest.raises(ValueError, match="batch-000000-000002.json does not match this job's plan"):
         Completion.load(reg.store, spec.job_dir, len(units))

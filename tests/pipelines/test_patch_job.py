@@ -222,12 +222,12 @@ def test_small_input_is_cut_for_every_worker(tmp_path):
 
 
 def test_resume_across_compaction_is_byte_identical(base, monkeypatch, tmp_path):
-    """Records compacted by blocks of 2 units (the driver's, in this process). A job stops at
-    unit 5 with blocks 0-1 and 2-3 compacted; units 2 and 3 are then redone as if the driver had
-    crashed between writing their batch and deleting their loose records. The restart finishes
+    """Records compacted in batches of 2 units, then 4 (by the driver, in this process). A job
+    stops at unit 5 with units 0-3 in one batch; units 2 and 3 are then redone as if the driver
+    had crashed between writing that batch and deleting their loose records. The restart finishes
     unit 5 only, drops the duplicates, and commits what an uninterrupted run commits: the same
     parts and statistics (entropies stored, so float sums are compared too)."""
-    monkeypatch.setattr(patch_units, "BLOCK_UNITS", 2)
+    monkeypatch.setattr(patch_units, "BATCH_LEVELS", (2, 4))
     reg = base.reg
     whole_reg = stdlib_docs(str(tmp_path / "store"))  # the same job, uninterrupted, in another store
     whole = run_patch_job(whole_reg, job(name="c", scheme="static", patch_size=6, model="default"))
@@ -238,7 +238,7 @@ def test_resume_across_compaction_is_byte_identical(base, monkeypatch, tmp_path)
     plan = plan_patch_job(reg, cfg)
     assert plan.stored and plan.job_id == whole.job_id
     done_dir = Path(base.store) / "datasets/c/_jobs" / plan.job_id / "_done"
-    assert {"batch-000000-000001.json", "batch-000002-000003.json"} <= {p.name for p in done_dir.iterdir()}
+    assert {"batch-000000-000003.json", "unit-000004.json"} <= {p.name for p in done_dir.iterdir()}
     worker = PatchWorker(reg.store.root, plan.model, cfg)
     for unit in plan.units[2:4]:
         worker.run(unit, plan.spec, attempt=0)
@@ -248,8 +248,7 @@ def test_resume_across_compaction_is_byte_identical(base, monkeypatch, tmp_path)
 
     m = run_patch_job(reg, cfg.model_copy(update={"fault": None}))
     assert {p: p.stat().st_mtime_ns for p in before} == before  # only unit 5 was done again
-    assert sorted(p.name for p in done_dir.iterdir()) == [
-        "batch-000000-000001.json", "batch-000002-000003.json", "batch-000004-000005.json"]
+    assert sorted(p.name for p in done_dir.iterdir()) == ["batch-000000-000003.json", "batch-000004-000005.json"]
     assert m.parts == whole.parts  # byte-identical parts (sha256)
     assert m.stats == whole.stats and m.stats.entropy_sum is not None
     assert verify(reg, m) == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from bench.units import LOOSE, make_job_folder
+from bench.units import BLOCKS, LOOSE, make_job_folder
 from blt_data.registry import Registry
 from blt_data.storage import Store
 from pipelines.patch_job import load_completion, plan_patch_job
@@ -17,7 +17,7 @@ DONE = 10_000
 
 def test_restart_of_a_large_job_finds_exactly_what_is_left(store_url, capsys):
     reg = Registry(Store.open(store_url))
-    cfg, num_units = make_job_folder(reg, DONE)  # DONE units in 10 batches, LOOSE loose records after them
+    cfg, num_units = make_job_folder(reg, DONE)  # DONE units in one batch, then BLOCKS batches of 100, LOOSE loose
     start = time.perf_counter()
     plan = plan_patch_job(reg, cfg)
     done = load_completion(reg, plan)
@@ -26,10 +26,12 @@ def test_restart_of_a_large_job_finds_exactly_what_is_left(store_url, capsys):
     with capsys.disabled():
         print(f"\nrestart of {DONE:,} done units on {store_url.split(':')[0] if '://' in store_url else 'local'}: {seconds:.2f} s")
 
-    assert plan.stored and len(plan.units) == num_units == DONE + 1000
-    assert len(done) == DONE + LOOSE and todo == list(range(DONE + LOOSE, num_units))
-    assert done.part(0).path == f"_jobs/{plan.job_id}/part-000000.parquet"
-    assert done.part(DONE + LOOSE - 1).path == f"_jobs/{plan.job_id}/part-{DONE + LOOSE - 1:06d}.parquet"
-    assert done.part(DONE + LOOSE) is None
+    found = DONE + BLOCKS * 100 + LOOSE
+    assert plan.stored and len(plan.units) == num_units == DONE + 10_000
+    assert len(done) == found and todo == list(range(found, num_units))
+    for unit in (0, DONE - 1, DONE, found - 1):
+        assert done.part(unit).path == f"_jobs/{plan.job_id}/part-{unit:06d}.parquet"
+    assert done.part(found) is None
     names = [rel.rsplit("/", 1)[1] for rel in reg.store.list(f"{plan.spec.job_dir}/_done")]
-    assert sum(n.startswith("batch-") for n in names) == DONE // 1000 and sum(n.startswith("unit-") for n in names) == LOOSE
+    assert sum(n.startswith("batch-") for n in names) == DONE // 10_000 + BLOCKS
+    assert sum(n.startswith("unit-") for n in names) == LOOSE
