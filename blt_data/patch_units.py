@@ -413,6 +413,15 @@ class Completion:
         record = self._loose.get(unit)
         return record.part if record is not None else None
 
+    def rows(self, unit: int) -> int | None:
+        """The unit's part's row count (None if not done), without building its PartInfo."""
+        level = self._covering(unit)
+        if level is not None:
+            batch = self._batches[level][unit // self.levels[level]]
+            return batch.rows[unit - batch.first]
+        record = self._loose.get(unit)
+        return record.part.rows if record is not None else None
+
     def _add(self, record: UnitRecord) -> None:
         if record.unit not in self._loose and self._covering(record.unit) is None:
             self._present[0][record.unit // self.levels[0]] += 1
