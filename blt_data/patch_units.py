@@ -33,6 +33,9 @@ commit, shared by ``patch`` and ``repatch``).
 
 This module knows nothing of Ray: ``pipelines/patch_job.py`` runs ``patch_unit`` in actors and
 hands it the scoring function (the entropy model stays outside ``blt_data``).
+
+Length: a unit's whole life (plan, read, patch, record, compaction, commit) around one
+invariant, the commit order above; ``patch`` and ``repatch`` share all of it.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ Where it runs is configuration alone: without ``ray_address`` a local Ray on thi
 (or a Ray already initialised in this process, e.g. a test session's); with one, a cluster.
 Workers get the store's non-secret settings (endpoint, region) through the runtime env;
 credentials come from the workers' own environment or instance role, never from this program.
+
+Length: the job's config, plan, actor pool and scheduling loop with its failure handling; they
+share the job id and the commit order, and none is used elsewhere.
 """
 
 from __future__ import annotations
