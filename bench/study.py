@@ -27,18 +27,11 @@ resumes from its last checkpoint (every `checkpoint_every` steps of the `study` 
      are shorter or longer as the text has it, so that arm trains on the same bytes with
      *other* FLOPs per byte (reported, not equalised).
 
-Bits per byte, as counted here: sum over targets of -log2 p(target) / number of targets, where
-the targets are what `blt_data.reader` gives the trainer: every document is BOS, its bytes, EOS;
-the first byte (predicted at BOS), every following byte and EOS (predicted at the last byte) are
-targets; the token after EOS (the next document's BOS in a packed row) is IGNORE_INDEX, so BOS is never
-predicted and never counted. The denominator therefore counts each document's bytes plus one
-EOS; a row edge loses no target (the reader reads one token past each batch). Meta's convention
-(bytelatent/eval.py, train.py: cross-entropy with ignore_index pad, divided by the count of
-non-pad targets) counts every next token of the packed stream, so it also counts the BOS that
-follows each EOS (near-free to predict), and it has no target for each row's first token. Each
-difference is one target per document (~17.6 KB on stdlib) or per row (1,024 tokens here), so at
-most ~0.1% of the count. The reader, not this
-file, decides which targets exist; a change there changes the count here with no edit.
+Bits per byte, as counted here: the one count of the trainer (README, "Bits per byte"; the
+targets come from `blt_data.packing`): every non-pad next token of the packed stream is a target,
+so each byte, each document's EOS and the BOS that follows an EOS; that is Meta's convention
+(bytelatent/eval.py, train.py). The reader, not this file, decides which targets exist; a change
+there changes the count here with no edit.
 
 Writes bench/results/study.json (study-quick.json for --quick, labelled as a smoke run) and prints
 a table. Before any training it prints an estimate of the wall time of what is left, from step

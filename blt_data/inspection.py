@@ -98,9 +98,11 @@ def find_documents(registry: Registry, manifest: Manifest, doc_ids: list[str] | 
     def done() -> bool:
         return len(found) >= (n_docs if wanted is None else len(wanted))
 
-    for part in manifest.parts:
+    table = manifest.part_table().select()
+    for index in range(len(table)):
         if done():
             break
+        part = table.info(index)  # one at a time: the first documents need the first parts only
         with registry.store.open_input(registry.part_path(manifest, part)) as f:
             parquet = pq.ParquetFile(f)
             first_row = 0

@@ -100,9 +100,9 @@ class Reader:
             raise ReaderError(f"dataset {cfg.dataset!r}: {e}") from None
         check_manifest(self.manifest, cfg.split)
         self.order = EpochOrder(self.manifest, cfg.split, cfg.seed, cfg.block_documents)
-        if cfg.epochs is None and len(self.order.blocks) < world_size:
+        if cfg.epochs is None and self.order.num_blocks < world_size:
             raise ReaderError(
-                f"{self.manifest.ref} split {cfg.split!r} has {len(self.order.blocks)} blocks of at most "
+                f"{self.manifest.ref} split {cfg.split!r} has {self.order.num_blocks} blocks of at most "
                 f"{cfg.block_documents} documents for {world_size} ranks: every rank needs a block per "
                 "epoch (lower block_documents)"
             )
@@ -208,7 +208,7 @@ class Reader:
             pool.shutdown(wait=True)
 
     def _read_stream(self, j: int, block: Block, start: int, document: int, offset: int) -> TokenStream:
-        where = f"{self.order.parts[block.part].path} rows {start}..{block.stop}"
+        where = f"{self.order.parts.path(block.part)} rows {start}..{block.stop}"
         try:
             table = self._read_rows(block.part, start, block.stop)
         except (pa.ArrowException, OSError, ValueError) as e:
@@ -222,7 +222,7 @@ class Reader:
 
     def _read_rows(self, index: int, start: int, stop: int) -> pa.Table:
         """Rows [start, stop) of a part, reading only the row groups that hold them."""
-        part = self.order.parts[index]
+        part = self.order.parts.info(index)
         # Its size is checked against the manifest on open (sha256 needs a whole read: `verify`).
         with self.registry.store.open_checked(self.registry.part_path(self.manifest, part), part.bytes, part.sha256) as f:
             cached = self._footers.get(index)
@@ -267,15 +267,19 @@ class Reader:
 def check_manifest(manifest: Manifest, split: str) -> None:
     if manifest.kind != "patches":
         raise ReaderError(f"{manifest.ref} is a {manifest.kind} dataset; the reader needs a patches dataset")
-    if manifest.format_version != MANIFEST_FORMAT_VERSION:
+    if manifest.format_version > MANIFEST_FORMAT_VERSION:  # the registry refuses these first
         raise ReaderError(
             f"{manifest.ref}: manifest format version {manifest.format_version}, "
-            f"this reader knows {MANIFEST_FORMAT_VERSION}"
+            f"this reader knows up to {MANIFEST_FORMAT_VERSION}"
         )
     missing = [c for c in COLUMNS if manifest.arrow_schema and c not in manifest.arrow_schema]
     if missing:
         raise ReaderError(f"{manifest.ref} has no column {', '.join(missing)}")
-    if not sum(p.rows for p in manifest.parts_of(split)):
+    try:
+        rows = int(manifest.part_table().select(split).rows.sum())
+    except RegistryError as e:
+        raise ReaderError(f"{manifest.ref}: {e}") from None
+    if not rows:
         splits = ", ".join(f"{k}={v}" for k, v in manifest.stats.splits.items()) or "none"
         raise ReaderError(f"{manifest.ref} has no documents in split {split!r} (documents per split: {splits})")
 
@@ -289,7 +293,7 @@ def build_val_reader(cfg: ReaderConfig, registry: Registry | Store, rank: int = 
         manifest = registry.resolve(cfg.dataset)
     except RegistryError as e:
         raise ReaderError(f"dataset {cfg.dataset!r}: {e}") from None
-    documents = sum(p.rows for p in manifest.parts_of("val"))
+    documents = int(manifest.part_table().select("val").rows.sum())
     block = min(cfg.block_documents, max(1, math.ceil(documents / (4 * world_size))))
     val = cfg.model_copy(update={"split": "val", "epochs": 1, "block_documents": block})
     return Reader(val, registry, rank, world_size)

@@ -87,35 +87,67 @@ class Block:
 class EpochOrder:
     """The split's blocks and, per epoch, their order: a pure function of (manifest id, split,
     seed, block_documents, epoch). Blocks are sorted by a keyed hash rather than shuffled with
-    a library RNG, so the order cannot change with a numpy version."""
+    a library RNG, so the order cannot change with a numpy version.
+
+    The hash of a block depends on the manifest's format. Format 1 (inline parts): blake2b of
+    the part's path and the block's first row, one call per block, as readers always did, so
+    saved states keep resuming. Format 2 (10^6 parts, millions of blocks): a splitmix64 mix of
+    (part index, block index) keyed by blake2b of the epoch, computed on whole numpy columns;
+    the part index is as stable as the path, since the manifest id fixes the part list."""
 
     def __init__(self, manifest: Manifest, split: str, seed: int, block_documents: int):
-        self.parts = manifest.parts_of(split)
-        self.blocks = [
-            Block(i, a, min(a + block_documents, part.rows))
-            for i, part in enumerate(self.parts)
-            for a in range(0, part.rows, block_documents)
-        ]
-        self.documents = sum(p.rows for p in self.parts)
+        self.parts = manifest.part_table().select(split)
+        rows = self.parts.rows
+        per_part = -(-rows // block_documents)
+        total = int(per_part.sum())
+        self.block_part = np.repeat(np.arange(len(rows), dtype=np.int64), per_part)
+        self.block_ordinal = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(per_part) - per_part, per_part)
+        self.block_start = self.block_ordinal * block_documents
+        self.block_stop = np.minimum(self.block_start + block_documents, rows[self.block_part])
+        self.num_blocks = total
+        self.documents = int(rows.sum())
+        self._hashed_paths = manifest.format_version < 2
         self._key = f"{manifest.id}|{split}|{seed}|{block_documents}".encode()
-        self.order = lru_cache(maxsize=4)(self._order)
+        self.permutation = lru_cache(maxsize=4)(self._permutation)
         self.shard = lru_cache(maxsize=64)(self._shard)
 
-    def _order(self, epoch: int) -> list[Block]:
-        def rank(b: Block) -> bytes:
-            name = f"|{epoch}|{self.parts[b.part].path}|{b.start}".encode()
-            return hashlib.blake2b(self._key + name, digest_size=16).digest()
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Block indices in epoch ``epoch``'s reading order."""
+        if self._hashed_paths:
+            paths = self.parts.paths()
+            keys = [
+                hashlib.blake2b(self._key + f"|{epoch}|{paths[p]}|{a}".encode(), digest_size=16).digest()
+                for p, a in zip(self.block_part.tolist(), self.block_start.tolist())
+            ]
+            return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+        seed = np.uint64(int.from_bytes(hashlib.blake2b(self._key + f"|{epoch}".encode(), digest_size=8).digest(), "little"))
+        ids = (self.block_part.astype(np.uint64) << np.uint64(32)) | self.block_ordinal.astype(np.uint64)
+        return np.argsort(_splitmix64(_splitmix64(ids) ^ seed), kind="stable")
 
-        return sorted(self.blocks, key=rank)
+    def _blocks(self, indices: np.ndarray) -> list[Block]:
+        return [Block(p, a, b) for p, a, b in zip(self.block_part[indices].tolist(), self.block_start[indices].tolist(),
+                                                  self.block_stop[indices].tolist())]
+
+    def order(self, epoch: int) -> list[Block]:
+        return self._blocks(self.permutation(epoch))
 
     def _shard(self, epoch: int, shards: int, shard: int) -> tuple[list[Block], np.ndarray]:
         """The shard's blocks and the number of documents before each (plus the total, last)."""
-        blocks = self.order(epoch)[shard::shards]
-        sizes = np.fromiter((b.stop - b.start for b in blocks), np.int64, len(blocks))
-        return blocks, np.concatenate([[0], np.cumsum(sizes)])
+        indices = self.permutation(epoch)[shard::shards]
+        sizes = self.block_stop[indices] - self.block_start[indices]
+        return self._blocks(indices), np.concatenate([[0], np.cumsum(sizes)])
 
     def shard_documents(self, c: Cursor) -> int:
         return int(self.shard(c.epoch, c.shards, c.shard)[1][-1])
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise (uint64 arithmetic wraps, as the algorithm wants)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def epoch_order(

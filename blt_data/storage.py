@@ -283,13 +283,8 @@ class Store:
 
     def sha256(self, rel: str) -> tuple[str, int]:
         """Hash and size of an object, streamed."""
-        h = hashlib.sha256()
-        n = 0
         with self.open_input(rel) as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-                n += len(chunk)
-        return h.hexdigest(), n
+            return sha256_of(f)
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -429,6 +424,16 @@ class Store:
         if full.startswith(root + "/"):
             return full[len(root) + 1 :]
         return full
+
+
+def sha256_of(f: IO[bytes]) -> tuple[str, int]:
+    """Hash and size of what is left to read in ``f``, streamed."""
+    h = hashlib.sha256()
+    n = 0
+    while chunk := f.read(8 << 20):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
 
 
 def _is_temp(name: str) -> bool:

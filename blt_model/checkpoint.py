@@ -1,16 +1,18 @@
-"""BLT training checkpoints: torch DCP for model and optimizer, plus one JSON of train state.
+"""Training checkpoints of both trainers (the BLT: `train.py`, the entropy model:
+`train_entropy.py`): torch DCP for model and optimizer, plus one JSON of train state.
 
-Layout, under a run folder on any store (local or s3://):
+Layout, under a run folder (a model's job folder) on any store (local or s3://):
 
     checkpoints/step-00000200/           DCP files (each rank writes its shards) + .metadata
     checkpoints/step-00000200/train_state.json   written last, by rank 0
 
 Invariant: a checkpoint exists only once its `train_state.json` does. DCP's files land first
 (rank by rank, then DCP's `.metadata`), all ranks meet at a barrier, and only then rank 0
-writes the state file in one PUT; so a crash mid-save leaves a folder that `latest_step`
-ignores. The state file carries what is per rank and small: the step, every rank's reader
-state (gathered, so a different world size can resume: `blt_data.reader`), every rank's RNG
-state, and the run's job id, checked on load.
+writes the state file in one PUT; so a crash mid-save leaves a folder that `latest_checkpoint`
+ignores. The state file carries what is small: the step, the world size, every rank's RNG state
+(restored on the same world size), the run's job id (checked on load), and what the trainer adds:
+its data position (the BLT: every rank's reader state, gathered, so a different world size can
+resume, `blt_data.reader`; the entropy model: one global cursor) and its validation history.
 
 DCP reshards on load: a checkpoint saved by N ranks loads into M ranks, or into one plain
 process for `blt-train eval` / `generate`.
@@ -71,6 +73,15 @@ def set_rng_state(encoded: str) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8))
 
 
+def restore_rng(state: dict[str, Any], env: Distributed) -> bool:
+    """Set this rank's RNG to its saved state; False (RNG left as seeded) on another world size,
+    where ranks have no saved state of their own."""
+    if state["world_size"] != env.world_size:
+        return False
+    set_rng_state(state["rng"][env.rank])
+    return True
+
+
 def save_checkpoint(
     store: Store,
     run_dir: str,
@@ -81,15 +92,17 @@ def save_checkpoint(
     env: Distributed,
 ) -> str:
     """Save on every rank (collective). `train_state` must be the same on every rank (gather
-    per-rank parts first). Returns the checkpoint folder."""
+    per-rank parts first); the step, world size and every rank's RNG state are added here.
+    Returns the checkpoint folder."""
     folder = step_dir(run_dir, step)
+    rngs = env.gather(rng_state())
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_is_fine():
         dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_storage(store, folder, write=True),
                  no_dist=not dist.is_initialized())
     env.barrier()
     if env.is_main:
-        state = {"version": STATE_VERSION, "step": step, **train_state}
+        state = {"version": STATE_VERSION, "step": step, "world_size": env.world_size, "rng": rngs, **train_state}
         store.write_bytes(f"{folder}/{STATE_FILE}", json.dumps(state, indent=1).encode())
     env.barrier()
     return folder
@@ -107,6 +120,20 @@ def checkpoint_steps(store: Store, run_dir: str) -> list[int]:
         if match and store.exists(f"{root}/{name}/{STATE_FILE}"):
             steps.append(int(match.group(1)))
     return sorted(steps)
+
+
+def latest_checkpoint(store: Store, run_dir: str) -> str | None:
+    """The folder of the run's latest complete checkpoint: where a rerun of the job resumes."""
+    steps = checkpoint_steps(store, run_dir)
+    return step_dir(run_dir, steps[-1]) if steps else None
+
+
+def resume_folder(store: Store, run_dir: str, resume: str | None) -> str | None:
+    """The checkpoint a run starts from: `resume` names a folder (relative to the store), "none"
+    starts over, None takes the job's latest (None when it has none)."""
+    if resume == "none":
+        return None
+    return resume if resume is not None else latest_checkpoint(store, run_dir)
 
 
 def read_train_state(store: Store, folder: str, job_id: str | None = None) -> dict[str, Any]:

@@ -44,11 +44,10 @@ from blt_model.blt import BLT, BLTConfig, load_blt_preset
 from blt_model.blt_registry import checkpoint_config, load_blt_weights
 from blt_model.checkpoint import (
     checkpoint_files,
-    checkpoint_steps,
     load_checkpoint,
-    rng_state,
+    restore_rng,
+    resume_folder,
     save_checkpoint,
-    set_rng_state,
     step_dir,
 )
 from blt_model.configs import build_config, preset_file
@@ -223,12 +222,7 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     store = registry.store
     dump_dir = Path(cfg.dump_dir or f"runs/{cfg.name}")
 
-    folder = None
-    if resume != "none":
-        folder = resume
-        if folder is None:
-            steps = checkpoint_steps(store, run_dir)
-            folder = step_dir(run_dir, steps[-1]) if steps else None
+    folder = resume_folder(store, run_dir, resume)
     # A run that resumes takes its weights from its own checkpoint, not from init_from.
     init = init_from if folder is None else None
     if env.is_main and init is not None:
@@ -236,17 +230,14 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     model = build_model(cfg, env, registry, init)
     optimizer = cfg.optimizer(model)
     step, reader_state, history = 0, None, []
-    if resume != "none":
-        if folder is not None:
-            state = load_checkpoint(store, folder, model, optimizer, job_id)
-            step, history = state["step"], state.get("history", [])
-            same_world = state["world_size"] == env.world_size
-            reader_state = state["reader"][env.rank] if same_world else merge_states(state["reader"])
-            if same_world:
-                set_rng_state(state["rng"][env.rank])
-            if env.is_main:
-                log.info("resumed %s from %s (step %d, %d -> %d processes)", cfg.name, store.uri(folder), step,
-                         state["world_size"], env.world_size)
+    if folder is not None:
+        state = load_checkpoint(store, folder, model, optimizer, job_id)
+        step, history = state["step"], state.get("history", [])
+        same_world = restore_rng(state, env)
+        reader_state = state["reader"][env.rank] if same_world else merge_states(state["reader"])
+        if env.is_main:
+            log.info("resumed %s from %s (step %d, %d -> %d processes)", cfg.name, store.uri(folder), step,
+                     state["world_size"], env.world_size)
     if env.is_main:
         dump_dir.mkdir(parents=True, exist_ok=True)
         (dump_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -263,11 +254,8 @@ def train(registry: Registry, cfg: TrainConfig, resume: str | None = None) -> Tr
     val_bpb = history[-1]["val_bpb"] if history else None
 
     def checkpoint() -> None:
-        states = env.gather(reader_state)
-        rngs = env.gather(rng_state())
         save_checkpoint(store, run_dir, step, model, optimizer, {
-            "job_id": job_id, "world_size": env.world_size, "reader": states, "rng": rngs,
-            "history": history, "data": data.id,
+            "job_id": job_id, "reader": env.gather(reader_state), "history": history, "data": data.id,
         }, env)
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"blt-train {cfg.name}", unit="step",

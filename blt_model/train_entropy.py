@@ -6,16 +6,24 @@ b_{n-1}, the scorer's convention (`blt_data.entropy.document_tokens`), so the tr
 the scorer's cross-entropy. The stream is cut into rows of `row_len` tokens with per-token
 document ids and positions; attention never crosses documents, and a document that crosses a
 row edge continues in the next row. The stream cycles over epochs; nothing is padded.
+Not `blt_data.packing`'s packer: its BLT framing (BOS, bytes, EOS; patch lengths; no positions)
+would change the loss, which must stay the scorer's (no EOS, positions per document).
 
 Several processes (torchrun, DDP): every rank packs the same global row stream and trains rows
 rank*batch_rows ... of each global batch, so the data position is one global cursor
 (epoch, document, token offset), and no document is repeated or skipped whatever the world size.
 
 Resume: the job id hashes the documents manifest and the config's result fields. Every
-`checkpoint_every` steps rank 0 writes model, optimizer, step, data cursor and RNG to
-`models/<name>/_jobs/<job-id>/checkpoint.pt` in one PUT; a run with the same job id resumes
-from it. A step's batch is a pure function of the cursor and its learning rate of the step, so
-on CPU a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+`checkpoint_every` steps and at every stop, all ranks save a checkpoint as the BLT trainer does
+(`blt_model.checkpoint`: DCP model and optimizer, then `train_state.json` with the step, data
+cursor, RNG and validation history), under `models/<name>/_jobs/<job-id>/checkpoints/step-N/`;
+a run with the same job id resumes from the latest (or from the folder `resume` names; "none"
+starts over), as the BLT trainer does. A step's batch is a pure function of the cursor and its
+learning rate of the step, so on CPU a resumed run ends with the same weights, bit for bit, as an
+uninterrupted one. A job folder of an earlier version holds one `checkpoint.pt`
+instead: that job starts again from step 0, with a warning. The file is not read, so there is
+one checkpoint format to keep, not two (only a job interrupted under that version loses its
+progress); it stays until `registry gc` removes it with the job's other leftovers.
 
 Invariant: the model becomes visible only when its manifest is committed, last (see
 `blt_model.entropy_registry`).
@@ -23,7 +31,6 @@ Invariant: the model becomes visible only when its manifest is committed, last (
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -35,7 +42,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from tqdm import tqdm
@@ -46,6 +52,7 @@ from blt_data.jobs import EXECUTION, output_fields
 from blt_data.registry import Manifest, Registry, RegistryError, job_hash
 from blt_data.tokens import BYTE_OFFSET, IGNORE_INDEX
 from blt_model.blt import bits_per_byte, byte_loss
+from blt_model.checkpoint import load_checkpoint, restore_rng, resume_folder, save_checkpoint
 from blt_model.configs import build_config, preset_file
 from blt_model.distributed import Distributed, TrainingError, init_distributed
 from blt_model.entropy_model import EntropyModel, EntropyModelConfig
@@ -56,8 +63,7 @@ from blt_model.run import RunFields
 log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets" / "entropy"  # package data: works installed
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+LEGACY_CHECKPOINT = "checkpoint.pt"  # an earlier version's single-file checkpoint (not read)
 
 
 class TrainEntropyConfig(OptimFields, RunFields):
@@ -228,29 +234,6 @@ def evaluate_bpb(model, rows: Rows, batch_rows: int, env: Distributed, cfg: Trai
     return bits_per_byte(nats, count)
 
 
-# --- checkpoints ------------------------------------------------------------------------------
-
-
-def save_checkpoint(registry: Registry, path: str, state: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    registry.store.write_bytes(path, buffer.getvalue())  # one PUT: whole or absent
-
-
-def load_checkpoint(registry: Registry, path: str, job_id: str) -> dict | None:
-    if not registry.store.exists(path):
-        return None
-    uri = registry.store.uri(path)
-    try:
-        state = torch.load(io.BytesIO(registry.store.read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged files
-        reason = (str(e).strip().splitlines() or [""])[0][:120]
-        raise TrainingError(f"checkpoint {uri} is unreadable ({type(e).__name__}: {reason}); delete it to start this job over") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("job_id") != job_id:
-        raise TrainingError(f"checkpoint {uri} is not a version-{CHECKPOINT_VERSION} checkpoint of job {job_id}; delete it to start over")
-    return state
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -278,16 +261,18 @@ def train_entropy(
     name: str,
     cfg: TrainEntropyConfig,
     progress: bool | None = None,
+    resume: str | None = None,
 ) -> TrainEntropyResult:
     """Train (or resume, or find already registered) the entropy model `name` on `docs_ref`.
-    `progress`, when given, overrides `cfg.progress`."""
+    `progress`, when given, overrides `cfg.progress`. `resume`: a checkpoint folder (relative to
+    the store) to start from instead of this job's latest; "none" starts over."""
     docs, job_id = plan_job(registry, docs_ref, name, cfg)
     done = registry.find_job(name, job_id, area="models")
     if done is not None:
         return TrainEntropyResult(job_id, cfg.steps, True, done.params.get("val_bpb"), done)
     env = init_distributed(cfg.device)
+    store = registry.store
     job_dir = registry.job_dir(name, job_id, area="models")
-    checkpoint_path = f"{job_dir}/{CHECKPOINT_FILE}"
 
     # Validation: the val split, else a deterministic holdout from the head of train.
     train_start = 0
@@ -307,14 +292,17 @@ def train_entropy(
     model = EntropyModel(cfg.model).to(env.device)
     optimizer = cfg.optimizer(model)
     step, cursor, history = 0, None, []
-    state = load_checkpoint(registry, checkpoint_path, job_id)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+    folder = resume_folder(store, job_dir, resume)
+    if folder is not None:
+        state = load_checkpoint(store, folder, model, optimizer, job_id)
         step, cursor, history = state["step"], state["cursor"], state["history"]
-        if state["world_size"] != env.world_size and env.is_main:
+        if not restore_rng(state, env) and env.is_main:
             log.warning("resuming a %d-process run on %d: same data, different batches per rank", state["world_size"], env.world_size)
+        if env.is_main:
+            log.info("resumed %s from %s (step %d)", name, store.uri(folder), step)
+    elif resume is None and env.is_main and store.exists(f"{job_dir}/{LEGACY_CHECKPOINT}"):
+        log.warning("%s is an earlier version's checkpoint, which this version does not read: the job "
+                    "starts again from step 0", store.uri(f"{job_dir}/{LEGACY_CHECKPOINT}"))
     train_model = model
     if env.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
@@ -328,14 +316,8 @@ def train_entropy(
     stop_at = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, step + cfg.max_steps_this_run)
 
     def checkpoint() -> None:
-        if env.is_main:
-            save_checkpoint(registry, checkpoint_path, {
-                "version": CHECKPOINT_VERSION, "job_id": job_id, "step": step, "cursor": cursor,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "world_size": env.world_size, "history": history,
-            })
-        if env.world_size > 1:
-            dist.barrier()
+        save_checkpoint(store, job_dir, step, model, optimizer,
+                        {"job_id": job_id, "cursor": cursor, "history": history, "data": docs.id}, env)
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train-entropy {name}", unit="step",
                disable=not ((cfg.progress if progress is None else progress) and env.is_main), dynamic_ncols=True)
@@ -369,7 +351,7 @@ def train_entropy(
             bar.set_postfix(postfix, refresh=False)
             bar.update(step - bar.n)
             timer, timed_bytes = time.perf_counter(), 0
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
             checkpoint()
     bar.close()
     rows.close()
@@ -380,9 +362,9 @@ def train_entropy(
 
     val_bpb = evaluate_bpb(model, val_rows, cfg.batch_rows, env, cfg)
     history.append({"step": step, "val_bpb": val_bpb})
+    checkpoint()  # a crash during registration must not lose the training
     manifest = None
     if env.is_main:
-        checkpoint()  # a crash during registration must not lose the training
         params = {
             "config": output_fields(cfg),
             "val_bpb": val_bpb,
@@ -394,12 +376,9 @@ def train_entropy(
             "final_cursor": cursor,
         }
         manifest = register_entropy_model(registry, model.cpu(), name, job_id, [docs.ref], params)
-    elif env.world_size > 1:
-        dist.barrier()  # the main rank's checkpoint() barrier
-    if env.world_size > 1:
-        dist.barrier()
-        if manifest is None:
-            manifest = registry.find_job(name, job_id, area="models")
+    env.barrier()
+    if manifest is None:
+        manifest = registry.find_job(name, job_id, area="models")
     if manifest is None:
         raise RegistryError(f"training of {name} finished but its manifest is not in the registry")
     return TrainEntropyResult(job_id, step, True, val_bpb, manifest, env.is_main)

@@ -12,7 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, fail, new_app, open_registry, overrides_arg, report_training
+from cli.common import (
+    EXPECTED_ERRORS, JsonOpt, QuietOpt, ResumeOpt, StoreOpt, fail, new_app, open_registry, overrides_arg, report_training,
+)
 
 app = new_app("Train the Byte Latent Transformer on precomputed patches datasets (torchrun, FSDP2).")
 
@@ -37,7 +39,7 @@ def _show_notes(quiet: bool) -> None:
 def train(
     config: Annotated[str, typer.Argument(help="Training config YAML (local or s3://), or a preset name: debug, demo, 100m (blt_model/presets/train).")],
     overrides: Annotated[Optional[list[str]], overrides_arg("steps=2000 data.dataset=web-patches model.dim_global=512")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Checkpoint folder (relative to the store) to start from; 'none' starts over. Default: this job's latest checkpoint.")] = None,
+    resume: ResumeOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the job id; train nothing.")] = False,
     store: StoreOpt = None,
     quiet: QuietOpt = False,

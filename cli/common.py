@@ -40,6 +40,7 @@ StoreOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+ResumeOpt = Annotated[Optional[str], typer.Option("--resume", help="Checkpoint folder (relative to the store) to start from; 'none' starts over. Default: this job's latest checkpoint.")]
 
 EXPECTED_ERRORS = (RegistryError, StoreError, FileNotFoundError, ValueError, PermissionError)
 
@@ -71,7 +72,7 @@ def describe(m: Manifest) -> str:
         return (f"{m.ref} ({m.kind}): {m.params.get('num_params', 0):,} parameters"
                 + (f", val {bpb:.3f} bits/byte" if bpb is not None else ""))
     s = m.stats
-    parts = f"{len(m.parts)} part" + ("" if len(m.parts) == 1 else "s")
+    parts = f"{m.part_count:,} part" + ("" if m.part_count == 1 else "s")
     line = f"{m.ref} ({m.kind}): {s.documents:,} documents, {s.bytes / 1e6:,.1f} MB of text in {parts}"
     if s.splits and set(s.splits) != {"train"}:
         line += " [" + ", ".join(f"{k}: {v:,}" for k, v in s.splits.items()) + "]"

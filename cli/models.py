@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import (
-    EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, describe_model, fail, new_app, open_registry, overrides_arg,
-    report_training,
+    EXPECTED_ERRORS, JsonOpt, QuietOpt, ResumeOpt, StoreOpt, describe_model, fail, new_app, open_registry,
+    overrides_arg, report_training,
 )
 
 app = new_app("Train and import entropy models.")
@@ -21,6 +21,7 @@ def train_entropy(
     name: Annotated[str, typer.Option("--name", "-n", help="Name of the entropy model to register.")],
     overrides: Annotated[Optional[list[str]], overrides_arg("steps=2000 model.dim=256")] = None,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file, or a preset name (debug, default, paper: blt_model/presets/entropy).")] = None,
+    resume: ResumeOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the job id; train nothing.")] = False,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
@@ -39,7 +40,7 @@ def train_entropy(
             docs_manifest, job_id = plan_job(reg, docs, name, cfg)
             typer.echo(json.dumps({"docs": docs_manifest.ref, "job_id": job_id, "config": cfg.model_dump(mode="json")}, indent=2))
             return
-        result = run_training(reg, docs, name, cfg, progress=not quiet)
+        result = run_training(reg, docs, name, cfg, progress=not quiet, resume=resume)
     except (TrainingError, *EXPECTED_ERRORS) as e:
         fail(str(e))
     report_training(result, cfg.steps, as_json, describe_model)

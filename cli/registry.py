@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
+from blt_data.registry import area_of
 from blt_data.verify import verify
 from cli.common import (
     EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, describe, fail, new_app, open_registry, parse_duration,
@@ -35,7 +36,7 @@ def registry_list(store: StoreOpt = None, quiet: QuietOpt = False, as_json: Json
     for m in manifests:
         typer.echo(
             f"{m.ref:<32} {m.kind:<14} {m.stats.documents:>12,} {m.stats.bytes / 1e6:>10,.1f} "
-            f"{len(m.parts):>6}  {', '.join(m.parents) or '-'}"
+            f"{m.part_count:>6}  {', '.join(m.parents) or '-'}"
         )
 
 
@@ -46,7 +47,8 @@ def registry_show(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """A manifest: lineage, parameters, parts and statistics."""
+    """A manifest: lineage, parameters, parts and statistics. A manifest of more than a thousand
+    parts keeps them in a Parquet part list, which is named, not read."""
     try:
         reg = open_registry(store)
         m = reg.resolve_any(ref)
@@ -59,10 +61,16 @@ def registry_show(
     typer.echo(f"  created   {m.created}  by blt-data {m.code_version}  (job {m.job_id})")
     typer.echo(f"  parents   {', '.join(m.parents) or '-'}")
     typer.echo("  params    " + json.dumps(m.params, sort_keys=True))
-    for p in m.parts:
-        typer.echo(f"  part      {p.path}  [{p.split}] {p.rows:,} rows, {p.bytes:,} bytes, sha256 {p.sha256[:16]}…")
-    for p in m.quarantine:
-        typer.echo(f"  quarantine {p.path}  {p.rows:,} lines")
+    if m.parts_file is not None:
+        f = m.parts_file
+        where = reg.store.uri(f"{reg.version_dir(m.name, m.version, area_of(m.kind))}/{f.path}")
+        typer.echo(f"  parts     {f.count:,} parts and {f.quarantine:,} quarantine parts listed in {where} "
+                   f"({f.bytes:,} bytes, sha256 {f.sha256[:16]}…)")
+    else:
+        for p in m.parts:
+            typer.echo(f"  part      {p.path}  [{p.split}] {p.rows:,} rows, {p.bytes:,} bytes, sha256 {p.sha256[:16]}…")
+        for p in m.quarantine:
+            typer.echo(f"  quarantine {p.path}  {p.rows:,} lines")
     typer.echo("  stats     " + m.stats.model_dump_json(exclude_defaults=True))
 
 
@@ -107,20 +115,21 @@ def registry_gc(
 @app.command("verify")
 def registry_verify(
     ref: RefArg,
+    sample: Annotated[Optional[int], typer.Option("--sample", min=0, help="Check N parts drawn deterministically (the same N on every run) instead of all; skips the whole-dataset content checks.")] = None,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-hash every part and recount its rows, then check the content its kind promises; exits 1
-    on any mismatch."""
+    """Check the part list, re-hash every part and recount its rows, then check the content its
+    kind promises; exits 1 on any mismatch."""
     try:
         reg = open_registry(store)
         m = reg.resolve_any(ref)
-        problems = verify(reg, m, progress=not quiet)
+        problems = verify(reg, m, progress=not quiet, sample=sample)
     except EXPECTED_ERRORS as e:
         fail(str(e))
     if as_json:
-        typer.echo(json.dumps({"ref": m.ref, "problems": problems}, indent=2))
+        typer.echo(json.dumps({"ref": m.ref, "sample": sample, "problems": problems}, indent=2))
         if problems:
             raise typer.Exit(1)
         return
@@ -128,4 +137,9 @@ def registry_verify(
         for p in problems:
             typer.secho(f"MISMATCH {m.ref}: {p}", err=True, fg="red")
         raise typer.Exit(1)
-    typer.echo(f"{m.ref}: {len(m.parts) + len(m.quarantine)} parts verified, {m.stats.documents:,} documents")
+    count = m.part_count + m.quarantine_count
+    if sample is not None:
+        typer.echo(f"{m.ref}: {min(sample, count):,} of {count:,} parts verified (a deterministic sample; "
+                   "content checks need a full verify)")
+        return
+    typer.echo(f"{m.ref}: {count:,} parts verified, {m.stats.documents:,} documents")

@@ -27,6 +27,7 @@ from blt_data.patching import PatchRule, patch_lengths_arrow
 from blt_data.reader import (
     IGNORE_INDEX, Reader, ReaderConfig, ReaderError, build_val_reader, empty_batch, epoch_order, merge_states,
 )
+from blt_data import registry as registry_module
 from blt_data.registry import Manifest, Registry
 from blt_data.stats import DatasetStats
 from blt_data.storage import Store
@@ -355,9 +356,10 @@ def test_refusals_are_clear(local_reg):
     with pytest.raises(ReaderError, match=r"pp@v1 has no documents in split 'test' \(documents per split: train=90, val=12\)"):
         Reader(config(split="test"), reg)
 
-    future = reg.resolve("pp").model_copy(update={"name": "future", "format_version": 2})
+    # A manifest of a format newer than this code's (the registry refuses it, the reader says so).
+    future = reg.resolve("pp").model_copy(update={"name": "future", "format_version": 3})
     reg.store.write_bytes(reg.manifest_path("future", 1), future.model_dump_json().encode())
-    with pytest.raises(ReaderError, match="future@v1: manifest format version 2, this reader knows 1"):
+    with pytest.raises(ReaderError, match="future@v1: manifest format version 3 is newer than this blt-data"):
         Reader(config(dataset="future"), reg)
 
     # A part written in another patches format version.
@@ -393,3 +395,30 @@ def test_refusals_are_clear(local_reg):
         Reader(config(dataset="pp@v1"), reg, state={**state, "cursors": "?"})
     with pytest.raises(ReaderError, match="every rank needs a block per epoch"):
         Reader(config(block_documents=100), reg, 0, 4)
+
+
+def test_format_1_order_is_the_one_saved_states_were_made_with(local_reg):
+    """Format 1 keeps the blake2b-of-path block order, so states saved before format 2 resume."""
+    manifest = local_reg.resolve("pp")
+    assert manifest.format_version == 1
+    parts = manifest.parts_of("train")
+    blocks = [(i, a, min(a + BLOCK, p.rows)) for i, p in enumerate(parts) for a in range(0, p.rows, BLOCK)]
+    key = f"{manifest.id}|train|0|{BLOCK}".encode()
+    for epoch in (0, 1):
+        expected = sorted(blocks, key=lambda b: hashlib.blake2b(
+            key + f"|{epoch}|{parts[b[0]].path}|{b[1]}".encode(), digest_size=16).digest())
+        assert [(b.part, b.start, b.stop) for b in epoch_order(manifest, "train", 0, epoch, BLOCK)] == expected
+
+
+@pytest.mark.parametrize("worlds,steps", [([2, 3], [11])])
+def test_format_2_dataset_reads_every_byte_once_across_a_world_size_change(local_store_url, monkeypatch, worlds, steps):
+    """A manifest with a part list (format 2; its block order is computed on columns)."""
+    monkeypatch.setattr(registry_module, "INLINE_PARTS", 2)
+    reg = Registry(Store.open(local_store_url))
+    manifest = commit_patches(reg)
+    assert manifest.format_version == 2 and reg.resolve("pp").parts_file is not None
+    orders = [epoch_order(reg.resolve("pp"), "train", 0, e, BLOCK) for e in (0, 1)]
+    assert orders[0] != orders[1] and sorted(orders[0], key=lambda b: (b.part, b.start)) == sorted(orders[1], key=lambda b: (b.part, b.start))
+    phases, merged = run_phases(reg, worlds, steps, epochs=1)
+    assert any(c["offset"] > 0 for m in merged for c in m["cursors"])
+    assert_every_byte_once(phases, TRAIN, epochs=1)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import http.server
+import json
 import threading
 
+import pyarrow as pa
 import pytest
+from pydantic import BaseModel
 
+from blt_data import registry as registry_module
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
-from blt_data.registry import Manifest, Registry, RegistryError, parse_ref
+from blt_data.registry import Manifest, PartInfo, PartTable, Registry, RegistryError, parse_ref
 from blt_data.storage import Store, StoreError
 from blt_data.verify import verify
 
@@ -206,3 +211,110 @@ def test_throttling_and_5xx_are_retried(s3_bucket, s3_server, monkeypatch):
         assert _Flaky.counter["throttled"] == 8, "the proxy really throttled the requests"
     finally:
         proxy.shutdown()
+
+
+# --- manifest formats (issue 13): a part list beside a small manifest, format 1 still read ---
+
+
+def test_format_1_manifest_reads_as_older_code_wrote_it(store_url):
+    """A small dataset keeps its parts inline, in exactly the JSON older code writes and reads."""
+    reg = Registry(Store.open(store_url))
+    m = make_dataset(reg, "docs")
+    stored = json.loads(reg.store.read_bytes(reg.manifest_path("docs", 1)))
+    assert stored["format_version"] == 1 and "parts_file" not in stored
+    assert [p["path"] for p in stored["parts"]] == [p.path for p in m.parts]
+    # The manifest as an older writer left it (no key this code added) reads back whole.
+    reg.store.write_bytes(reg.manifest_path("old", 1), json.dumps({**stored, "name": "old"}).encode())
+    old = reg.resolve("old")
+    assert old.format_version == 1 and old.parts == m.parts and old.part_count == len(m.parts)
+    assert old.parts_of("train") == m.parts and len(old.part_table()) == len(m.parts)
+
+
+def test_large_manifest_keeps_parts_in_a_checked_part_list(store_url, monkeypatch):
+    monkeypatch.setattr(registry_module, "INLINE_PARTS", 2)
+    reg = Registry(Store.open(store_url))
+    m = make_dataset(reg, "docs")
+    assert m.format_version == 2 and m.part_count == len(m.parts) > 2
+    stored = json.loads(reg.store.read_bytes(reg.manifest_path("docs", 1)))
+    assert "parts" not in stored and "quarantine" not in stored
+    spec = stored["parts_file"]
+    listing = f"{reg.version_dir('docs', 1)}/{spec['path']}"
+    assert reg.store.sha256(listing) == (spec["sha256"], spec["bytes"]) and spec["count"] == len(m.parts)
+
+    back = reg.resolve("docs")
+    assert back == m and back.part_count == len(m.parts)
+    assert back._table is None  # resolving reads no part list
+    assert back.parts == m.parts and [d["id"] for d in iter_documents(reg, back)] == [f"d{i}" for i in range(20)]
+    assert verify(reg, reg.resolve("docs")) == []
+    # gc finds the job's parts referenced through the part list (else it would offer them).
+    assert registry_module.find_garbage(reg, 0.0, 1e12) == []
+    # Given new parts, a copy holds them inline until committed (existing callers do this).
+    assert back.model_copy(update={"parts": back.parts[:1]}).parts == back.parts[:1]
+
+    # A tampered part list fails verify (and any read of the list) and names the file.
+    data = reg.store.read_bytes(listing)
+    reg.store.write_bytes(listing, data[:-1] + bytes([data[-1] ^ 1]))
+    problems = verify(reg, reg.resolve("docs"))
+    assert len(problems) == 1 and "does not match its manifest" in problems[0] and spec["path"] in problems[0]
+    with pytest.raises(RegistryError, match="does not match its manifest"):
+        reg.resolve("docs").parts  # noqa: B018
+    reg.store.delete(listing)
+    assert "is missing" in verify(reg, reg.resolve("docs"))[0]
+
+
+def test_part_list_pointing_outside_the_dataset_is_refused(local_store_url, monkeypatch):
+    """Even with a manifest rewritten to match, a part list may not name objects elsewhere."""
+    monkeypatch.setattr(registry_module, "INLINE_PARTS", 2)
+    reg = Registry(Store.open(local_store_url))
+    m = make_dataset(reg, "docs")
+    table = m.part_table().table
+    bad = table.set_column(0, "path", pa.array(["../other/x.jsonl.zst"] + table.column("path").to_pylist()[1:]))
+    data = PartTable(bad).to_parquet()
+    reg.store.write_bytes(f"{reg.version_dir('docs', 1)}/evil.parquet", data)
+    spec = m.parts_file.model_copy(update={"path": "evil.parquet", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    evil = BaseModel.model_copy(m, update={"parts_file": spec})
+    reg.store.write_bytes(reg.manifest_path("docs", 1), evil.model_dump_json().encode())
+    with pytest.raises(RegistryError, match=r"row 0 has a path outside the dataset \('../other/x.jsonl.zst'\)"):
+        reg.resolve("docs").parts  # noqa: B018
+
+
+def test_future_manifest_format_is_refused_clearly(local_store_url):
+    reg = Registry(Store.open(local_store_url))
+    make_dataset(reg, "docs")
+    stored = json.loads(reg.store.read_bytes(reg.manifest_path("docs", 1)))
+    # A newer writer may change anything: here a new key this code's Manifest does not know.
+    reg.store.write_bytes(reg.manifest_path("docs", 2), json.dumps({**stored, "format_version": 3, "shards": []}).encode())
+    with pytest.raises(RegistryError, match=r"docs@v2: manifest format version 3 is newer than this blt-data .* reads \(up to 2\); upgrade blt-data"):
+        reg.resolve("docs")
+    assert reg.resolve("docs@v1").version == 1
+
+
+def test_racing_writers_of_large_manifests_leave_one_part_list_per_version(store_url, monkeypatch):
+    """Format 2 under the race: each version folder ends with its manifest and the one part
+    list that manifest names (a loser removes the list it wrote into a folder it lost)."""
+    monkeypatch.setattr(registry_module, "INLINE_PARTS", 2)
+    reg = Registry(Store.open(store_url))
+    n = 5
+    barrier = threading.Barrier(n)
+    won: list[Manifest] = []
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        parts = [PartInfo(path=f"_jobs/job{i}/part-{k}", rows=k, bytes=k, sha256=f"{i:064x}") for k in range(3)]
+        try:
+            barrier.wait()
+            won.append(reg.commit(Manifest(name="race", kind="documents", job_id=f"job{i}", parts=parts)))
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(m.version for m in won) == list(range(1, n + 1))
+    for m in won:
+        back = reg.load("race", m.version)
+        assert back.format_version == 2 and back.parts == m.parts and back.parts[0].path.startswith(f"_jobs/{m.job_id}/")
+        files = sorted(p.rsplit("/", 1)[-1] for p in reg.store.list(reg.version_dir("race", m.version)))
+        assert files == sorted(["manifest.json", back.parts_file.path])

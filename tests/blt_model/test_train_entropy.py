@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +16,23 @@ import torch
 
 from blt_data.download import DownloadConfig, download
 from blt_data.entropy import score_entropies
-from blt_data.registry import Registry, RegistryError
+from blt_data.registry import Registry, RegistryError, find_garbage
 from blt_data.shuffle import shuffle_documents
 from blt_data.storage import Store
 from blt_data.verify import verify
+from blt_model.checkpoint import latest_checkpoint, step_dir
 from blt_model.configs import ConfigError
 from blt_model.distributed import Distributed
 from blt_model.entropy_model import EntropyModel
 from blt_model.entropy_registry import load_entropy_model_ref, load_registered_entropy_model
 from blt_model.train_entropy import (
-    CHECKPOINT_FILE,
+    LEGACY_CHECKPOINT,
     PRESET_DIR,
     TrainingError,
     build_train_entropy_config,
     evaluate_bpb,
     learning_rate,
+    plan_job,
     train_entropy,
     training_rows,
     validation_rows,
@@ -148,7 +152,8 @@ def test_interrupted_run_resumes_bit_for_bit(local_store_url):
     assert not first.finished and first.step == 3 and first.manifest is None
     with pytest.raises(RegistryError):
         reg.resolve("parts", area="models")  # nothing visible before the manifest
-    assert reg.store.exists(f"{reg.job_dir('parts', first.job_id, 'models')}/{CHECKPOINT_FILE}")
+    job_dir = reg.job_dir("parts", first.job_id, "models")
+    assert latest_checkpoint(reg.store, job_dir) == step_dir(job_dir, 3)
     second = train_entropy(reg, "docs", "parts", debug_config("max_steps_this_run=2"), progress=False)
     assert second.step == 5 and not second.finished
     last = train_entropy(reg, "docs", "parts", debug_config(), progress=False)
@@ -157,6 +162,24 @@ def test_interrupted_run_resumes_bit_for_bit(local_store_url):
     a, b = weights_of(reg, "whole"), weights_of(reg, "parts")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert last.manifest.params["val_history"] == whole.manifest.params["val_history"]
+
+
+def test_an_earlier_versions_checkpoint_restarts_the_job_and_says_so(local_store_url, caplog):
+    reg = make_docs(local_store_url)
+    cfg = debug_config("max_steps_this_run=3")
+    legacy = f"{reg.job_dir('em', plan_job(reg, 'docs', 'em', cfg)[1], 'models')}/{LEGACY_CHECKPOINT}"
+    reg.store.write_bytes(legacy, b"a torch.save file of an earlier version")
+    with caplog.at_level("WARNING", logger="blt_model"):
+        result = train_entropy(reg, "docs", "em", cfg, progress=False)
+    assert result.step == 3  # from step 0, not from the old file
+    assert "checkpoint.pt is an earlier version's checkpoint" in caplog.text and "step 0" in caplog.text
+    assert reg.store.exists(legacy)  # left for `registry gc`, not deleted by training
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="blt_model"):
+        assert train_entropy(reg, "docs", "em", debug_config(), progress=False).finished
+    assert "earlier version" not in caplog.text  # its own checkpoint now: resumed, no warning
+    garbage = find_garbage(reg, older_than_s=0, now=time.time())
+    assert any(legacy in g.files for g in garbage)  # the job is committed: `registry gc` removes the old file
 
 
 def test_without_val_split_holds_out_train_documents(local_store_url):
@@ -170,11 +193,12 @@ def test_clear_errors(local_store_url):
     with pytest.raises(RegistryError, match="no dataset named 'ghost'"):
         train_entropy(reg, "ghost", "em", debug_config(), progress=False)
     first = train_entropy(reg, "docs", "em", debug_config("max_steps_this_run=2"), progress=False)
-    checkpoint = f"{reg.job_dir('em', first.job_id, 'models')}/{CHECKPOINT_FILE}"
-    reg.store.write_bytes(checkpoint, b"not a checkpoint")
+    checkpoint = latest_checkpoint(reg.store, reg.job_dir("em", first.job_id, "models"))
+    shard = next(f for f in reg.store.find(checkpoint) if f.endswith(".distcp"))
+    reg.store.write_bytes(shard, b"not a checkpoint")
     with pytest.raises(TrainingError, match="unreadable.*delete it"):
         train_entropy(reg, "docs", "em", debug_config(), progress=False)
-    reg.store.delete(checkpoint)
+    reg.store.delete(checkpoint, recursive=True)
     m = train_entropy(reg, "docs", "em", debug_config(), progress=False).manifest
     with pytest.raises(RegistryError, match="is a entropy-model dataset, expected documents|no dataset"):
         train_entropy(reg, "em", "em2", debug_config(), progress=False)
@@ -200,9 +224,15 @@ def test_torchrun_two_processes_gloo(local_store_url, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cli.blt_data",
            "train-entropy", "docs", "--name", "ddp", "--config", "debug", "--store", local_store_url, "-q"]
+    # Stopped at step 3 (every rank saves its part of the DCP checkpoint), then resumed by both.
+    stopped = subprocess.run([*cmd, "max_steps_this_run=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "stopped at step 3/6" in stopped.stdout, stopped.stdout + stopped.stderr
+    reg = Registry(Store.open(local_store_url))
+    [job] = reg.store.list("models/ddp/_jobs")
+    state = json.loads(reg.store.read_bytes(f"{latest_checkpoint(reg.store, job)}/train_state.json"))
+    assert state["step"] == 3 and state["world_size"] == 2 and len(state["rng"]) == 2
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("ddp@v1 (entropy-model)") == 1  # only rank 0 reports and registers
-    reg = Registry(Store.open(local_store_url))
     m = reg.resolve("ddp", area="models")
     assert m.params["world_size"] == 2 and reg.versions("ddp", "models") == [1]

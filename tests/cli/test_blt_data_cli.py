@@ -121,7 +121,8 @@ def test_options_snapshot():
         "download": sorted(["source", "name", "overrides", "split", "text_field", "id_field", "limit", "part_size", "config", "store", "quiet", "as_json"]),
         "shuffle": sorted(["ref", "name", "overrides", "chunks", "seed", "memory", "val_docs", "config", "store", "quiet", "as_json"]),
         "demo": sorted(["overrides", "config", "store", "quiet", "as_json"]),
-        "train-entropy": sorted(["docs", "name", "overrides", "config", "dry_run", "store", "quiet", "as_json"]),
+        # resume: as blt-train's (a damaged checkpoint's remedy, and starting over)
+        "train-entropy": sorted(["docs", "name", "overrides", "config", "resume", "dry_run", "store", "quiet", "as_json"]),
         "import-entropy-model": sorted(["source", "name", "store", "quiet", "as_json"]),
         "patch": sorted(["docs", "name", "overrides", "model", "scheme", "threshold", "target_patch_size", "max_patch_length",
                          "entropies", "ray_address", "workers", "gpus_per_worker", "unit_size", "config", "dry_run",
@@ -169,3 +170,59 @@ def test_registry_gc_collects_only_what_no_manifest_needs(store_url):
     again = blt("shuffle", "g", "--name", "gs", "--chunks", "2", "--val-docs", "2", "--store", store_url)
     assert "gs@v1" in again and "@v2" not in again
     assert "--older-than: cannot read 'soon'" in blt("registry", "gc", "--older-than", "soon", "--store", store_url, code=2)
+
+
+def test_registry_commands_on_a_100k_part_dataset(store_url, tmp_path):
+    """A 10^5-part dataset (synthetic: bench/registry.py) through show, list, verify --sample,
+    inspect and the reader on 64 ranks; its times are printed, not asserted (bench/ measures)."""
+    import time
+
+    from bench.registry import synthetic_patches
+    from blt_data.reader import Reader, ReaderConfig
+
+    times = {}
+    start = time.perf_counter()
+    m = synthetic_patches(Registry(Store.open(store_url)), "big", 100_000)
+    times["make"] = time.perf_counter() - start
+    assert m.format_version == 2 and m.parts_file.count == 100_000
+
+    start = time.perf_counter()
+    out = blt("registry", "show", "big", "--store", store_url)
+    times["show"] = time.perf_counter() - start
+    assert "big@v1 (patches): 500,000,000 documents" in out and "in 100,000 parts" in out
+    assert "100,000 parts and 0 quarantine parts listed in" in out and "  part  " not in out
+    shown = json.loads(blt("registry", "show", "big", "--json", "--store", store_url))
+    assert shown["parts_file"]["count"] == 100_000 and "parts" not in shown
+    assert "100000" in blt("registry", "list", "--store", store_url)
+
+    start = time.perf_counter()
+    out = blt("registry", "verify", "big", "--sample", "100", "--store", store_url, "-q")
+    times["verify --sample 100"] = time.perf_counter() - start
+    assert "big@v1: 100 of 100,000 parts verified" in out
+
+    start = time.perf_counter()
+    reader = Reader(ReaderConfig(dataset="big", seq_len=4096, batch_size=2, prefetch=0), Registry(Store.open(store_url)),
+                    rank=63, world_size=64)
+    times["reader open"] = time.perf_counter() - start
+    batch, state = next(iter(reader))
+    times["first batch"] = time.perf_counter() - start
+    assert batch["tokens"].shape == (2, 4096) and state["dataset"] == "big@v1:synthetic-100000"
+
+    page = tmp_path / "page"
+    blt("inspect", "big", "--out", str(page), "--docs", "2", "--store", store_url)
+    assert "p0-0" in (page / "index.html").read_text()
+    print("\n100,000 parts on " + ("s3" if store_url.startswith("s3://") else "local disk") + ": " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+
+    # A changed part list fails verify with a clear message; show does not read the list.
+    reg = Registry(Store.open(store_url))
+    listing = f"{reg.version_dir('big', 1)}/{m.parts_file.path}"
+    reg.store.write_bytes(listing, reg.store.read_bytes(listing)[:-8])
+    out = blt("registry", "verify", "big", "--sample", "3", "--store", store_url, "-q", code=1)
+    assert "MISMATCH big@v1: part list" in out and "does not match its manifest" in out
+    assert "big@v1 (patches)" in blt("registry", "show", "big", "--store", store_url)
+
+    # A manifest of a newer format: a one-line error, no traceback.
+    stored = json.loads(reg.store.read_bytes(reg.manifest_path("big", 1)))
+    reg.store.write_bytes(reg.manifest_path("big", 2), json.dumps({**stored, "format_version": 9}).encode())
+    out = blt("registry", "show", "big", "--store", store_url, code=2)
+    assert "error: big@v2: manifest format version 9 is newer than this blt-data" in out and "Traceback" not in out

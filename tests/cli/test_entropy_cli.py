@@ -9,7 +9,7 @@ import torch
 from blt_data.registry import Registry
 from blt_data.storage import Store
 from blt_model.entropy_registry import load_registered_entropy_model
-from blt_model.train_entropy import CHECKPOINT_FILE
+from blt_model.checkpoint import latest_checkpoint
 from tests.blt_model.test_entropy_model import official_params, official_state_dict, write_official
 from tests.cli.test_blt_data_cli import blt
 
@@ -60,9 +60,17 @@ def test_train_entropy_clear_errors(local_store_url, tmp_path):
     blt("train-entropy", "docs", "--name", "em", "-c", "debug", "max_steps_this_run=2", "--store", local_store_url, "-q")
     reg = Registry(Store.open(local_store_url))
     [job] = reg.store.list("models/em/_jobs")
-    reg.store.write_bytes(f"{job}/{CHECKPOINT_FILE}", b"\x00garbage")
+    shard = next(f for f in reg.store.find(latest_checkpoint(reg.store, job)) if f.endswith(".distcp"))
+    reg.store.write_bytes(shard, b"\x00garbage")
     out = blt("train-entropy", "docs", "--name", "em", "-c", "debug", "--store", local_store_url, "-q", code=2)
     assert "error: checkpoint" in out and "unreadable" in out
+    # --resume, as blt-train's: a folder that is no checkpoint is refused; 'none' starts over.
+    out = blt("train-entropy", "docs", "--name", "em", "-c", "debug", "--resume", f"{job}/checkpoints/step-00000001",
+              "--store", local_store_url, "-q", code=2)
+    assert "not a complete checkpoint" in out
+    out = blt("train-entropy", "docs", "--name", "em", "-c", "debug", "--resume", "none", "max_steps_this_run=1",
+              "--store", local_store_url, "-q")
+    assert "stopped at step 1/6" in out
 
 
 def test_import_entropy_model(store_url, tmp_path):
