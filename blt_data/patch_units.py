@@ -128,7 +128,7 @@ def unit_size(unit_bytes: int, docs: Manifest, parts: list[PartInfo], min_units:
     patches some chunks only). JSON lines are a little longer than their text; an estimate is
     all that is needed here.
     """
-    stored = sum(p.bytes for p in docs.parts)
+    stored = int(docs.part_table().select().bytes.sum())  # columns: no object per part
     total = docs.stats.bytes * sum(p.bytes for p in parts) // stored if stored else 0
     return min(unit_bytes, max(MIN_UNIT_BYTES, math.ceil(total / min_units)))
 
