@@ -7,7 +7,8 @@ entropies it stores, repatching a dataset with threshold θ gives exactly the pa
 patching the documents again with the same model and θ.
 
 Resumable like the patch job: part k is written, then its completion record
-``_jobs/<job-id>/_done/unit-<k>.json``; the manifest is committed last. A target patch size is
+``_jobs/<job-id>/_done/unit-<k>.json`` (compacted by blocks as the patch job's are,
+``patch_units.Completion``); the manifest is committed last. A target patch size is
 calibrated once per job on the head of every parent part (``calibration.json`` in the job folder).
 
 TODO(repatch-parallel): parts are independent; a process pool would use every core.
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from blt_data.calibrate import calibrated, head_sample
 from blt_data.jobs import output_fields
-from blt_data.patch_units import UnitRecord, UnitSpec, commit_patches, load_records, record_path
+from blt_data.patch_units import Completion, UnitRecord, UnitSpec, commit_patches, record_path
 from blt_data.patches import PatchesPartWriter, build_table, has_entropies, has_eos_entropy, part_name, patches_schema
 from blt_data.patching import ENTROPY_SCHEMES, PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry, check_name, job_hash
@@ -91,18 +92,17 @@ def repatch(registry: Registry, cfg: RepatchConfig, progress: bool = False) -> M
         registry.store, spec.job_dir, cfg.rule, lambda: _sample_entropies(registry, parent, cfg.rule.calibration_bytes)
     )
     spec.patch = rule
-    records = load_records(registry.store, spec)
-    todo = [(i, p) for i, p in enumerate(parent.parts) if i not in records]
+    done = Completion.load(registry.store, spec.job_dir, len(parent.parts))
+    todo = [(i, p) for i, p in enumerate(parent.parts) if i not in done]
     with tqdm(total=len(parent.parts), initial=len(parent.parts) - len(todo), unit="part", desc=f"repatch {cfg.name}", disable=not progress) as bar:
         for index, part in todo:
-            records[index] = _repatch_part(registry, parent, index, part, spec)
+            done.add(_repatch_part(registry, parent, index, part, spec))
             bar.update()
     params = {
         "input": parent.ref, "input_id": parent.id, "repatched_from": parent.ref,
         "model": parent.params.get("model"), "scoring": parent.params.get("scoring"),
     }
-    ordered = [records[i] for i in range(len(parent.parts))]
-    return commit_patches(registry, spec, ordered, cfg.rule, calibration, [parent.ref], params)
+    return commit_patches(registry, spec, done, cfg.rule, calibration, [parent.ref], params)
 
 
 def _repatch_part(registry: Registry, parent: Manifest, index: int, part, spec: UnitSpec) -> UnitRecord:

@@ -2,7 +2,14 @@
 
     input manifest -> plan units (driver) -> [calibrate threshold on a sample (one actor)]
         -> pool of PatchWorker actors: read unit, score entropies, patch, write part + record
-        -> driver: ray.wait, record, retry -> commit the manifest
+        -> driver: ray.wait, record (compacting records by 100 and 10,000 units), retry -> commit
+
+Per-unit overhead (a few ms; bench/units.py measures it): each actor has two calls queued, so
+it never waits for the driver between units, and works through runs of consecutive units, so
+it reads each input part through once (a part is one zstd frame). The plan is stored in the job
+folder once (``plan.json``) and completion records are compacted (``patch_units.Completion``),
+so a restart reads neither the input nor one object per unit (bench/units.py: 10^6 done units
+in under 5 s, local disk or loopback S3).
 
 Commit order (the invariant): each unit's Parquet part is published whole, then its completion
 record (``blt_data.patch_units``); the manifest is created last, with put-if-absent, only when
@@ -12,9 +19,9 @@ is the same bytes as an uninterrupted run's.
 
 The job id hashes what decides the output: the input manifest id, the model's sha256 and the
 config's output fields (``blt_data.jobs``): the patch rule (with the *target* patch size, not the
-calibrated threshold), whether entropies are stored, the unit size, the scoring row length and
-precision. Workers, device, batch sizes and retries are execution fields, so a job started on a
-laptop can be finished on a GPU cluster (with ``dtype`` set explicitly: ``auto`` means fp32 on
+calibrated threshold), whether entropies are stored, the unit size and minimum unit count, the
+scoring row length and precision, and the plan's version. Workers, device, batch sizes and
+retries are execution fields, so a job started on a laptop can be finished on a GPU cluster (with ``dtype`` set explicitly: ``auto`` means fp32 on
 CPU and bf16 on GPU, two different outputs). The calibrated threshold is itself output: it is
 stored once in the job folder (``calibration.json``, put-if-absent) and every later run reuses it.
 
@@ -22,6 +29,9 @@ Where it runs is configuration alone: without ``ray_address`` a local Ray on thi
 (or a Ray already initialised in this process, e.g. a test session's); with one, a cluster.
 Workers get the store's non-secret settings (endpoint, region) through the runtime env;
 credentials come from the workers' own environment or instance role, never from this program.
+
+Length: the job's config, plan, actor pool and scheduling loop with its failure handling; they
+share the job id and the commit order, and none is used elsewhere.
 """
 
 from __future__ import annotations
@@ -42,14 +52,16 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from blt_data import patch_units
 from blt_data.calibrate import Calibration, calibrated
 from blt_data.jobs import EXECUTION, output_fields
 from blt_data.patch_units import (
-    Unit, UnitRecord, UnitSpec, calibration_sample, commit_patches, load_records, patch_unit, plan_units,
+    PLAN_VERSION, Completion, PartReader, Unit, UnitRecord, UnitSpec, calibration_sample, commit_patches, load_plan,
+    patch_unit, plan_units, save_plan, unit_size,
 )
 from blt_data.patches import FORMAT_VERSION
 from blt_data.patching import ENTROPY_SCHEMES, PatchRule
-from blt_data.registry import Manifest, Registry, check_name, job_hash
+from blt_data.registry import Manifest, PartInfo, Registry, check_name, job_hash
 from blt_data.shuffle import chunk_parts
 from blt_data.storage import Store
 
@@ -87,6 +99,7 @@ class PatchJobConfig(BaseModel):
     entropies: bool = Field(True, description="store the entropies column when the job scores")
     chunks: list[int] | None = Field(None, description="patch only these train chunks of a shuffled dataset (and all of val); None: everything")
     unit_bytes: int = Field(16 * 10**6, ge=1024, le=1 << 30, description="input bytes (JSON lines) per unit of work")
+    min_units: int = Field(64, ge=1, description="on a small input, smaller units (down to 64 KiB) to make at least this many, so no worker idles")
     row_len: int | None = Field(None, ge=1, description="scoring row length in tokens; None: the model's max_seqlen")
     batch_rows: int = Field(8, ge=1, description="rows per scoring batch (results do not depend on it: batch invariance)", json_schema_extra=EXECUTION)
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="scoring precision; auto: bf16 on GPU, fp32 on CPU")
@@ -162,6 +175,8 @@ class PatchPlan:
     job_id: str
     units: list[Unit]
     spec: UnitSpec  # patch.threshold is None until calibrated when a target is set
+    unit_size: int  # bytes per unit as planned (unit_bytes, or less on a small input)
+    stored: bool  # the plan was read from the job folder (else it was made now and is not saved yet)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -170,6 +185,7 @@ class PatchPlan:
             "model": self.model.model_dump() if self.model else None,
             "config": self.config.model_dump(mode="json"),
             "num_units": len(self.units),
+            "unit_size": self.unit_size,
             "bytes": sum(u.bytes for u in self.units),
             "units": [
                 {"index": u.index, "part": u.part, "lines": [u.start, u.stop], "bytes": u.bytes} for u in self.units
@@ -199,7 +215,7 @@ def _job_payload(cfg: PatchJobConfig, docs: Manifest, model: ModelInfo | None) -
     # The parts' format too: a job begun by code that wrote another format must not be finished
     # with parts of this one.
     return {"step": "patch", "input": docs.id, "model_sha256": model.sha256 if model else None, "config": fields,
-            "format": FORMAT_VERSION}
+            "format": FORMAT_VERSION, "plan": PLAN_VERSION}
 
 
 def _scoring(cfg: PatchJobConfig, model: ModelInfo | None) -> dict[str, Any] | None:
@@ -210,7 +226,20 @@ def _scoring(cfg: PatchJobConfig, model: ModelInfo | None) -> dict[str, Any] | N
 
 
 def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
-    """Resolve the inputs, compute the job id and list the units; writes nothing."""
+    """Resolve the inputs, compute the job id and list the units (the job folder's stored plan
+    if it has one, else read from the input); writes nothing."""
+    cfg, docs, model, spec, parts = resolve_job(registry, cfg)
+    size = unit_size(cfg.unit_bytes, docs, parts, cfg.min_units)
+    units = load_plan(registry.store, spec.job_dir)
+    stored = units is not None
+    if units is None:
+        units = plan_units(registry, docs, size, parts)
+    return PatchPlan(config=cfg, docs=docs, model=model, job_id=spec.job_id, units=units, spec=spec, unit_size=size, stored=stored)
+
+
+def resolve_job(registry: Registry, cfg: PatchJobConfig) -> tuple[PatchJobConfig, Manifest, ModelInfo | None, UnitSpec, list[PartInfo]]:
+    """The config as it runs, its input manifest and model, the units' shared spec (with the job
+    id) and the input parts the job patches: everything but the units."""
     cfg = with_recorded_threshold(registry, cfg)
     docs = registry.resolve(cfg.docs, kind="documents")
     model = resolve_model(registry, cfg.model_ref) if cfg.model_ref else None
@@ -229,8 +258,7 @@ def plan_patch_job(registry: Registry, cfg: PatchJobConfig) -> PatchPlan:
         parts = chunk_parts(docs, cfg.chunks)
     except ValueError as e:
         raise PatchJobError(str(e)) from None
-    units = plan_units(registry, docs, cfg.unit_bytes, parts)
-    return PatchPlan(config=cfg, docs=docs, model=model, job_id=job_id, units=units, spec=spec)
+    return cfg, docs, model, spec, parts
 
 
 class PatchWorker:
@@ -243,6 +271,7 @@ class PatchWorker:
     def __init__(self, store_url: str, model: ModelInfo | None, cfg: PatchJobConfig):
         self.store = Store.open(store_url)
         self.cfg = cfg
+        self.reader: PartReader | None = None  # kept across units, so consecutive units read their part once
         self.model = None
         if model is not None:
             import torch
@@ -278,7 +307,9 @@ class PatchWorker:
             if fault.kind == "raise":
                 raise RuntimeError(f"injected fault in unit {unit.index}, attempt {attempt}")
             score = _dying(score)
-        return patch_unit(self.store, unit, spec, score)
+        if self.reader is None or self.reader.input_dir != spec.input_dir:
+            self.reader = PartReader(self.store, spec.input_dir)
+        return patch_unit(self.store, unit, spec, score, self.reader)
 
 
 def _dying(score):
@@ -363,44 +394,121 @@ def _calibration_sample(registry: Registry, plan: PatchPlan, pool: _Pool) -> lis
     raise PatchJobError("the worker scoring the calibration sample kept dying")
 
 
-def _run_units(plan: PatchPlan, spec: UnitSpec, todo: list[Unit], pool: _Pool, bar: tqdm, records: dict[int, UnitRecord]) -> None:
+IN_FLIGHT = 2  # calls queued on each actor: it starts its next unit without waiting for the driver
+
+
+class _Schedule:
+    """Which unit each actor does next.
+
+    Units go out in runs: consecutive units of one input part, taken from the head of the plan,
+    so an actor's ``PartReader`` reads through a part once; an actor whose run is done takes the
+    next run, or, when none is left, the back half of the longest run another actor holds.
+    Runs are short enough (at most a quarter of the first compaction level, shared by the
+    actors) that units finish roughly in plan order: a block or two of records are loose at any
+    time, which bounds what a restart reads. A unit to retry goes first to an actor it has not
+    failed on; to the one it failed on only when nothing else is left for that actor.
+    """
+
+    def __init__(self, todo: list[Unit], slots: int):
+        cap = max(1, patch_units.BATCH_LEVELS[0] // (4 * slots))
+        self.runs: deque[deque[Unit]] = deque()
+        for unit in todo:
+            last = self.runs[-1][-1] if self.runs else None
+            if last is None or len(self.runs[-1]) >= cap or unit.part != last.part or unit.index != last.index + 1:
+                self.runs.append(deque())
+            self.runs[-1].append(unit)
+        self.held: list[deque[Unit]] = [deque() for _ in range(slots)]
+        self.retry: deque[tuple[Unit, int]] = deque()  # (unit, slot it last failed on)
+
+    def next(self, slot: int) -> Unit | None:
+        for i, (unit, failed_on) in enumerate(self.retry):
+            if failed_on != slot:
+                del self.retry[i]
+                return unit
+        run = self.held[slot]
+        if not run and self.runs:
+            self.held[slot] = run = self.runs.popleft()
+        if not run:
+            other = max(self.held, key=len)
+            for _ in range((len(other) + 1) // 2):
+                run.appendleft(other.pop())
+        if run:
+            return run.popleft()
+        if self.retry:
+            return self.retry.popleft()[0]
+        return None
+
+    def put_back(self, slot: int, units: list[Unit]) -> None:
+        """Units an actor had queued when it died: its replacement does them next, in order."""
+        self.held[slot].extendleft(reversed(units))
+
+
+def _run_units(plan: PatchPlan, spec: UnitSpec, todo: list[Unit], pool: _Pool, bar: tqdm, done: Completion) -> None:
     """Keep every actor busy until each unit has a record; retry failures on another actor."""
     cfg = plan.config
-    pending = deque(todo)
-    idle = list(range(len(pool.actors)))
+    schedule = _Schedule(todo, len(pool.actors))
     running: dict[ray.ObjectRef, tuple[Unit, int]] = {}
+    queued: list[deque[ray.ObjectRef]] = [deque() for _ in pool.actors]  # per actor, in submission order
     failures: Counter[int] = Counter()
-    failed_on: dict[int, int] = {}
-    while pending or running:
-        while pending and idle:
-            unit = pending.popleft()
-            others = [s for s in idle if s != failed_on.get(unit.index)]
-            slot = (others or idle)[0]
-            idle.remove(slot)
-            running[pool.actors[slot].run.remote(unit, spec, failures[unit.index])] = (unit, slot)
-        [ref], _ = ray.wait(list(running), num_returns=1)
+
+    def submit(slot: int) -> None:
+        while len(queued[slot]) < IN_FLIGHT and (unit := schedule.next(slot)) is not None:
+            ref = pool.actors[slot].run.remote(unit, spec, failures[unit.index])
+            running[ref] = (unit, slot)
+            queued[slot].append(ref)
+
+    def finished(ref: ray.ObjectRef, record: UnitRecord) -> None:
         unit, slot = running.pop(ref)
-        idle.append(slot)
-        try:
-            records[unit.index] = ray.get(ref)
-            bar.set_postfix(units=f"{len(records)}/{len(plan.units)}", refresh=False)
-            bar.update(unit.bytes)
-            continue
-        except ray.exceptions.RayActorError as e:  # the process died: a fresh actor takes the slot
-            log.warning("worker of unit %d died (%s); replacing it", unit.index, _error_text(e))
-            pool.replace(slot)
-            error: Exception = e
-        except ray.exceptions.RayError as e:
-            log.warning("unit %d failed: %s", unit.index, _error_text(e))
-            error = e
+        queued[slot].remove(ref)
+        done.add(record)  # compacts what the unit completes
+        bar.set_postfix(units=f"{len(done)}/{len(plan.units)}", refresh=False)
+        bar.update(unit.bytes)
+
+    def failed(unit: Unit, slot: int, error: Exception) -> None:
         failures[unit.index] += 1
         if failures[unit.index] > cfg.retries:
             raise PatchJobError(
                 f"unit {unit.index} ({unit.part}, lines {unit.start}-{unit.stop}) failed {failures[unit.index]} "
                 f"times; last error: {_error_text(error)}"
             )
-        failed_on[unit.index] = slot
-        pending.appendleft(unit)
+        schedule.retry.append((unit, slot))
+
+    for slot in range(len(pool.actors)):
+        submit(slot)
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        unit, slot = running[ref]
+        try:
+            finished(ref, ray.get(ref))
+        except ray.exceptions.RayActorError:
+            # The process died. Its calls ran in submission order: those that finished keep
+            # their records, the oldest other one was running (it is the one that failed), and
+            # the ones after it never started: they go back to the new actor.
+            lost: list[Unit] = []
+            culprit: tuple[Unit, Exception] | None = None
+            for old in list(queued[slot]):
+                try:
+                    finished(old, ray.get(old))
+                    continue
+                except ray.exceptions.RayError as e:
+                    old_unit, _ = running.pop(old)
+                    if culprit is None:
+                        culprit = (old_unit, e)
+                    else:
+                        lost.append(old_unit)
+            queued[slot].clear()
+            assert culprit is not None
+            log.warning("worker of unit %d died (%s); replacing it", culprit[0].index, _error_text(culprit[1]))
+            pool.replace(slot)
+            schedule.put_back(slot, lost)
+            failed(culprit[0], slot, culprit[1])
+        except ray.exceptions.RayError as e:  # the unit raised; the actor lives on
+            running.pop(ref)
+            queued[slot].remove(ref)
+            log.warning("unit %d failed: %s", unit.index, _error_text(e))
+            failed(unit, slot, e)
+        for s in range(len(pool.actors)):
+            submit(s)
 
 
 def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = False) -> Manifest:
@@ -412,8 +520,8 @@ def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = Fals
         log.info("%s was already made by job %s; reusing it", existing.ref, plan.job_id)
         return existing
     spec = plan.spec
-    records = load_records(registry.store, spec)
-    todo = [u for u in plan.units if u.index not in records]
+    done = load_completion(registry, plan)
+    todo = [u for u in plan.units if u.index not in done]
     calibration = None
     needs_calibration = cfg.rule.target_patch_size is not None
     if todo or needs_calibration:
@@ -423,38 +531,46 @@ def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = Fals
         try:
             rule, calibration = calibrated(registry.store, spec.job_dir, cfg.rule, lambda: _calibration_sample(registry, plan, pool))
             spec = spec.model_copy(update={"patch": rule})
-            if records:
-                log.info("resuming job %s: %d of %d units done", plan.job_id, len(records), len(plan.units))
+            if len(done):
+                log.info("resuming job %s: %d of %d units done", plan.job_id, len(done), len(plan.units))
             total = sum(u.bytes for u in plan.units)
             with tqdm(
                 total=total, initial=total - sum(u.bytes for u in todo), unit="B", unit_scale=True, unit_divisor=1000,
                 desc=f"patch {cfg.name}", disable=not progress, dynamic_ncols=True,
             ) as bar:
-                bar.set_postfix(units=f"{len(records)}/{len(plan.units)}")
-                _run_units(plan, spec, todo, pool, bar, records)
+                bar.set_postfix(units=f"{len(done)}/{len(plan.units)}")
+                _run_units(plan, spec, todo, pool, bar, done)
         finally:
             pool.close()
             if started:
                 ray.shutdown()
-    return _commit(registry, plan, spec, records, calibration)
+    return _commit(registry, plan, spec, done, calibration)
 
 
-def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, records: dict[int, UnitRecord], calibration: Calibration | None) -> Manifest:
-    ordered = []
+def load_completion(registry: Registry, plan: PatchPlan) -> Completion:
+    """A (re)started driver's view of its job folder: the plan stored (put-if-absent) if it was
+    made now, and what is done (compacting what a stopped driver left complete)."""
+    if not plan.stored:
+        save_plan(registry.store, plan.spec.job_dir, plan.units)
+    done = Completion.load(registry.store, plan.spec.job_dir, len(plan.units))
+    done.compact_complete()
+    return done
+
+
+def _commit(registry: Registry, plan: PatchPlan, spec: UnitSpec, done: Completion, calibration: Calibration | None) -> Manifest:
     for unit in plan.units:
-        record = records.get(unit.index)
-        if record is None or record.part.rows != unit.stop - unit.start:
+        if done.rows(unit.index) != unit.stop - unit.start:
             raise PatchJobError(f"unit {unit.index} has no valid completion record; rerun the job")
-        ordered.append(record)
     cfg = plan.config
     params = {
         "input": plan.docs.ref,
         "input_id": plan.docs.id,
         "model": plan.model.model_dump() if plan.model else None,
         "unit_bytes": cfg.unit_bytes,
+        "unit_size": plan.unit_size,
         "chunks": cfg.chunks,
         "num_units": len(plan.units),
         "scoring": _scoring(cfg, plan.model),
     }
     parents = [plan.docs.ref] + ([plan.model.ref] if plan.model else [])
-    return commit_patches(registry, spec, ordered, cfg.rule, calibration, parents, params)
+    return commit_patches(registry, spec, done, cfg.rule, calibration, parents, params)

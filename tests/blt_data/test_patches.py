@@ -4,6 +4,8 @@ that cover every line once, stats that add, and verify catching what it should."
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,12 +13,16 @@ import pyarrow.dataset as pds
 import pytest
 
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
-from blt_data.patch_units import UnitSpec, load_records, patch_unit, plan_units, read_unit
+from blt_data import patch_units
+from blt_data.patch_units import (
+    MIN_UNIT_BYTES, Completion, PartReader, UnitRecord, UnitSpec, commit_patches, load_plan, load_records, patch_unit,
+    plan_units, read_records, read_unit, save_plan, unit_size,
+)
 from blt_data.patches import (
     ROW_GROUP_ROWS, PatchesPartWriter, build_table, entropies_array, part_metadata, read_part, write_part,
 )
 from blt_data.patching import PatchRule, patch_lengths, patch_lengths_arrow
-from blt_data.registry import Manifest, Registry
+from blt_data.registry import Manifest, PartInfo, Registry
 from blt_data.repatch import RepatchConfig, RepatchError, repatch
 from blt_data.stats import ENTROPY_BINS, DatasetStats
 from blt_data.storage import Store
@@ -189,3 +195,96 @@ def test_repatch_by_row_group_writes_what_patching_the_whole_part_writes(local_s
     stats = DatasetStats.of(pl, table.column("entropies").combine_chunks().values.to_numpy())
     assert (out.stats.entropy_histogram, out.stats.entropy_sum, out.stats.patch_length_histogram) == (
         stats.entropy_histogram, stats.entropy_sum, stats.patch_length_histogram)
+
+
+def _patched_units(reg: Registry, unit_bytes: int = 150):
+    docs = docs_dataset(reg)
+    units = plan_units(reg, docs, unit_bytes=unit_bytes)
+    spec = UnitSpec(input_dir=reg.dataset_dir("docs"), output_dir=reg.dataset_dir("out"), name="out", job_id="jj",
+                    patch=PatchRule(scheme="entropy", threshold=1.2), keep_entropies=True)
+    return units, spec
+
+
+def test_a_reader_carried_across_units_reads_what_fresh_reads_do(local_store_url):
+    reg = Registry(Store.open(local_store_url))
+    units, spec = _patched_units(reg)
+    fresh = [read_unit(reg.store, spec.input_dir, u) for u in units]
+    reader = PartReader(reg.store, spec.input_dir)
+    # In order (one read per part), then backwards and skipping (the reader reopens the part).
+    assert [read_unit(reg.store, spec.input_dir, u, reader) for u in units] == fresh
+    order = [5, 2, 7, 3, 0]
+    assert [read_unit(reg.store, spec.input_dir, units[i], reader) for i in order] == [fresh[i] for i in order]
+
+
+def test_stored_plan_reads_back_and_is_stored_once(local_store_url):
+    reg = Registry(Store.open(local_store_url))
+    units, spec = _patched_units(reg)
+    assert load_plan(reg.store, spec.job_dir) is None
+    assert save_plan(reg.store, spec.job_dir, units) and not save_plan(reg.store, spec.job_dir, units[:1])
+    assert load_plan(reg.store, spec.job_dir) == units
+
+
+def test_unit_size_shrinks_on_small_inputs_only():
+    docs = Manifest(name="d", kind="documents", job_id="j", stats={"documents": 10, "bytes": 100 * 10**6},
+                    parts=[PartInfo(path=f"p{i}", rows=5, bytes=b, sha256="0" * 64) for i, b in enumerate((3000, 1000))])
+    assert unit_size(16 * 10**6, docs, docs.parts, min_units=64) == math.ceil(100 * 10**6 / 64)
+    assert unit_size(16 * 10**6, docs, docs.parts, min_units=4) == 16 * 10**6
+    assert unit_size(16 * 10**6, docs, docs.parts[1:], min_units=64) == math.ceil(25 * 10**6 / 64)  # a quarter of the bytes
+    assert unit_size(16 * 10**6, docs, docs.parts, min_units=10**6) == MIN_UNIT_BYTES
+    assert unit_size(2000, docs, docs.parts, min_units=10**6) == 2000  # asked smaller still: as asked
+
+
+def test_compacted_records_survive_a_crash_between_write_and_delete(local_store_url, monkeypatch):
+    """Batches of 2 units, then of 4: complete ones are written and what they replace goes; the
+    short last node stays a level below. A crash after a batch is written but before what it
+    replaces is deleted leaves duplicates: a restart takes the widest batch, deletes the rest,
+    and the commit is the one an uncompacted job makes (float sums too: both add the same tree)."""
+    monkeypatch.setattr(patch_units, "BATCH_LEVELS", (2, 4))
+    reg = Registry(Store.open(local_store_url))
+    units, spec = _patched_units(reg, unit_bytes=1000)
+    assert len(units) == 9
+    records = [patch_unit(reg.store, u, spec, fake_score) for u in units]
+    done_dir = Path(reg.store.path(spec.job_dir)) / "_done"
+
+    plain = Completion.load(reg.store, spec.job_dir, len(units))  # loose records only, not compacted
+    assert len(plain) == 9 and plain.ordered_parts() == [r.part for r in records]
+    pair = lambda c: sum((r.stats for r in records[c:c + 2]), DatasetStats())  # noqa: E731
+    expected = sum((sum((pair(c) for c in range(q, min(q + 4, 9), 2)), DatasetStats()) for q in range(0, 9, 4)), DatasetStats())
+    assert plain.stats() == expected
+
+    done = Completion(reg.store, spec.job_dir, len(units))
+    for r in records[:6]:
+        done.add(r)
+    assert sorted(p.name for p in done_dir.iterdir()) == [
+        "batch-000000-000003.json", "batch-000004-000005.json", "unit-000006.json", "unit-000007.json", "unit-000008.json"]
+    small = (done_dir / "batch-000004-000005.json").read_bytes()
+    for r in records[6:]:
+        done.add(r)
+    compacted = ["batch-000000-000003.json", "batch-000004-000007.json", "unit-000008.json"]
+    assert sorted(p.name for p in done_dir.iterdir()) == compacted
+    # The crash, at both levels: the batch of units 4-5 and the loose records of units 4..7 back
+    # (redone: the same bytes), as if nothing had been deleted after batch 4-7 was written.
+    (done_dir / "batch-000004-000005.json").write_bytes(small)
+    for u in units[4:8]:
+        assert patch_unit(reg.store, u, spec, fake_score) == records[u.index]
+    assert len(list(done_dir.iterdir())) == 8
+    again = Completion.load(reg.store, spec.job_dir, len(units))
+    assert sorted(p.name for p in done_dir.iterdir()) == compacted  # the duplicates are gone
+    assert len(again) == 9 and all(i in again for i in range(9)) and 9 not in again
+    assert again.ordered_parts() == [r.part for r in records] and again.stats() == expected
+    m = commit_patches(reg, spec, again, spec.patch, None, ["docs@v1"], {})
+    assert m.parts == [r.part for r in records] and m.stats.entropy_sum == expected.entropy_sum
+    assert verify(reg, m) == []
+    assert sorted(read_records(reg.store, spec.job_dir, UnitRecord)) == [8]  # loose-record readers skip batches
+
+
+def test_a_batch_that_does_not_fit_the_plan_is_refused(local_store_url, monkeypatch):
+    monkeypatch.setattr(patch_units, "BATCH_LEVELS", (3, 6))
+    reg = Registry(Store.open(local_store_url))
+    units, spec = _patched_units(reg, unit_bytes=1000)
+    done = Completion(reg.store, spec.job_dir, len(units))
+    for u in units[:3]:
+        done.add(patch_unit(reg.store, u, spec, fake_score))
+    monkeypatch.setattr(patch_units, "BATCH_LEVELS", (4, 8))  # read with other batch sizes: another plan
+    with pytest.raises(ValueError, match="batch-000000-000002.json does not match this job's plan"):
+        Completion.load(reg.store, spec.job_dir, len(units))

@@ -31,7 +31,8 @@ from blt_data.repatch import RepatchConfig, repatch
 from blt_data.storage import Store
 from blt_data.verify import verify
 from blt_model.entropy_registry import load_default_entropy_model
-from pipelines.patch_job import FaultInjection, PatchJobConfig, PatchJobError, plan_patch_job, run_patch_job
+from blt_data import patch_units
+from pipelines.patch_job import FaultInjection, PatchJobConfig, PatchJobError, PatchWorker, plan_patch_job, run_patch_job
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SHA256 = "bf4326e9c435f334d19c3bd80d4661c88de9f7245f4b57fd26bd1dcc1c416827"
@@ -202,3 +203,52 @@ def test_chunks_patch_a_subset_of_a_shuffled_dataset(base):
         run_patch_job(reg, job(docs="std-sh", name="sub", scheme="static", chunks=[7]))
     with pytest.raises(PatchJobError, match="std@v1 has no train chunks"):
         run_patch_job(reg, job(name="sub", scheme="static", chunks=[0]))
+
+
+def test_small_input_is_cut_for_every_worker(tmp_path):
+    """A corpus far under one default unit (16 MB) is cut into at least 4 units per actor; the
+    plan is the same whatever the execution settings, and its own output field changes the job."""
+    reg = Registry(Store.open(str(tmp_path / "store")))
+    docs = download(reg, DownloadConfig(source="stdlib", name="small", limit=30))
+    assert len(docs.parts) == 1 and 300_000 < docs.stats.bytes < 10**6
+    cfg = PatchJobConfig(docs="small", name="ps", rule=PatchRule(scheme="static", patch_size=6))
+    plan = plan_patch_job(reg, cfg)
+    assert len(plan.units) >= 4 * cfg.workers and plan.unit_size < cfg.unit_bytes
+    assert all(u.bytes <= plan.unit_size or u.stop - u.start == 1 for u in plan.units)
+    wider = plan_patch_job(reg, cfg.model_copy(update={"workers": 8}))
+    assert wider.job_id == plan.job_id and wider.units == plan.units
+    fewer = plan_patch_job(reg, cfg.model_copy(update={"min_units": 2}))
+    assert fewer.job_id != plan.job_id and len(fewer.units) < len(plan.units)
+
+
+def test_resume_across_compaction_is_byte_identical(base, monkeypatch, tmp_path):
+    """Records compacted in batches of 2 units, then 4 (by the driver, in this process). A job
+    stops at unit 5 with units 0-3 in one batch; units 2 and 3 are then redone as if the driver
+    had crashed between writing that batch and deleting their loose records. The restart finishes
+    unit 5 only, drops the duplicates, and commits what an uninterrupted run commits: the same
+    parts and statistics (entropies stored, so float sums are compared too)."""
+    monkeypatch.setattr(patch_units, "BATCH_LEVELS", (2, 4))
+    reg = base.reg
+    whole_reg = stdlib_docs(str(tmp_path / "store"))  # the same job, uninterrupted, in another store
+    whole = run_patch_job(whole_reg, job(name="c", scheme="static", patch_size=6, model="default"))
+    cfg = job(name="c", scheme="static", patch_size=6, model="default", workers=1, retries=0,
+              fault=FaultInjection(unit=5, kind="raise", attempts=99))
+    with pytest.raises(PatchJobError, match="unit 5"):
+        run_patch_job(reg, cfg)
+    plan = plan_patch_job(reg, cfg)
+    assert plan.stored and plan.job_id == whole.job_id
+    done_dir = Path(base.store) / "datasets/c/_jobs" / plan.job_id / "_done"
+    assert {"batch-000000-000003.json", "unit-000004.json"} <= {p.name for p in done_dir.iterdir()}
+    worker = PatchWorker(reg.store.root, plan.model, cfg)
+    for unit in plan.units[2:4]:
+        worker.run(unit, plan.spec, attempt=0)
+    assert {"unit-000002.json", "unit-000003.json"} <= {p.name for p in done_dir.iterdir()}
+    parts = Path(base.store) / "datasets/c/_jobs" / plan.job_id
+    before = {p: p.stat().st_mtime_ns for p in parts.glob("part-00000[0-4].parquet")}
+
+    m = run_patch_job(reg, cfg.model_copy(update={"fault": None}))
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # only unit 5 was done again
+    assert sorted(p.name for p in done_dir.iterdir()) == ["batch-000000-000003.json", "batch-000004-000005.json"]
+    assert m.parts == whole.parts  # byte-identical parts (sha256)
+    assert m.stats == whole.stats and m.stats.entropy_sum is not None
+    assert verify(reg, m) == []
