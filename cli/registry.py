@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from blt_data.calibrate import Calibration
 from blt_data.verify import verify
 from cli.common import (
     EXPECTED_ERRORS, JsonOpt, QuietOpt, StoreOpt, describe, fail, new_app, open_registry, parse_duration,
@@ -59,6 +60,11 @@ def registry_show(
     typer.echo(f"  created   {m.created}  by blt-data {m.code_version}  (job {m.job_id})")
     typer.echo(f"  parents   {', '.join(m.parents) or '-'}")
     typer.echo("  params    " + json.dumps(m.params, sort_keys=True))
+    if m.params.get("calibration"):
+        calibration = Calibration.model_validate(m.params["calibration"])
+        typer.echo(f"  threshold {calibration.describe()}")
+        if warning := calibration.warning():
+            typer.secho(f"  warning   {warning}", fg="yellow")
     for p in m.parts:
         typer.echo(f"  part      {p.path}  [{p.split}] {p.rows:,} rows, {p.bytes:,} bytes, sha256 {p.sha256[:16]}…")
     for p in m.quarantine:
