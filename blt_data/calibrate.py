@@ -155,10 +155,8 @@ def sample_rows(
     picks = np.sort(draw_documents(total_docs, num_documents, seed))
     starts = np.concatenate([[0], np.cumsum(counts)])
     groups = np.searchsorted(starts, picks, side="right") - 1
-    out: dict[int, np.ndarray] = {}
-    for g in np.unique(groups):
-        out[int(g)] = picks[groups == g] - starts[g]
-    return out
+    runs = np.split(np.arange(picks.size), np.flatnonzero(np.diff(groups)) + 1)  # picks of one group each
+    return {int(groups[r[0]]): picks[r] - starts[groups[r[0]]] for r in runs}
 
 
 def draw_documents(total: int, num: int, seed: int) -> np.ndarray:
@@ -193,14 +191,14 @@ def calibrated(
         return rule, None
     rel = f"{job_dir}/calibration.json"
     if not store.exists(rel):
-        calibration = _calibrate_enough(rule, sample).model_copy(update={"seed": rule.calibration_seed})
+        calibration = calibrate_drawn(rule, sample)
         store.put_if_absent(rel, calibration.model_dump_json(indent=2).encode())
     # Whoever stored it first wins: a concurrent run may have scored with other float noise.
     calibration = Calibration.model_validate_json(store.read_bytes(rel))
     return rule.with_threshold(calibration.threshold), calibration
 
 
-def _calibrate_enough(rule: PatchRule, sample: Callable[[int | None], CalibrationSample]) -> Calibration:
+def calibrate_drawn(rule: PatchRule, sample: Callable[[int | None], CalibrationSample]) -> Calibration:
     """Calibrate on the default draw; while its standard error exceeds half the tolerance (so
     the whole dataset lands within it about 95% of the time), on a larger draw sized by
     n ∝ 1/error², up to MAX_SAMPLE_GROWTH times the first."""
@@ -215,7 +213,7 @@ def _calibrate_enough(rule: PatchRule, sample: Callable[[int | None], Calibratio
         cap = cap or MAX_SAMPLE_GROWTH * n
         # An unknown population means the caller cannot draw uniformly (a head sample): keep it.
         if error <= budget or calibration.whole_dataset or drawn.population_documents is None or (num or 0) >= cap:
-            return calibration
+            return calibration.model_copy(update={"seed": rule.calibration_seed})
         num = min(max(math.ceil(1.2 * n * (error / budget) ** 2), 2 * n), cap)
 
 

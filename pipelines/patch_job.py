@@ -360,6 +360,8 @@ def _calibration_sample(registry: Registry, plan: PatchPlan, pool: _Pool, scored
         registry.store, plan.spec.input_dir, plan.units, cfg.rule.calibration_bytes, cfg.rule.calibration_seed, num
     )
     keys = [k for k in texts if k not in scored]
+    log.info("calibration: scoring %d documents (%.2f MB; %d drawn) on %d actors", len(keys),
+             sum(len(texts[k]) for k in keys) / 1e6, len(texts), len(pool.actors))
     ends = np.cumsum([len(texts[k]) for k in keys])
     cuts = np.searchsorted(ends, ends[-1] * np.arange(1, len(pool.actors)) / len(pool.actors)) if keys else []
     shares = [keys[a:b] for a, b in zip([0, *cuts], [*cuts, len(keys)])]
