@@ -8,7 +8,9 @@ Corpora (documents datasets on a local store):
   demo       the demo's patch input: the stdlib corpus shuffled into 10 chunks + 40 val documents
              (`pipelines/demo.py`), chunk 0 + val: 214 documents, 3.9 MB
   parts      the stdlib corpus (1,786 documents, 31.5 MB) rewritten into 1,000 parts of
-             consecutive documents, so that the old head-of-part sample took ~1 KB per part
+             consecutive documents, so that the old head-of-part sample took ~1 KB per part;
+             `--max-doc-kb 8` cuts each document to its first 8 KB (8.4 MB, a quarter of the
+             scoring, for a shared 2-core machine)
 Rows of the table:
   job        `run_patch_job` with target 4 as a user runs it: calibrates on its sample (the new
              rule), scores every unit; the dataset mean is the committed manifest's
@@ -48,12 +50,15 @@ def demo_corpus(reg: Registry) -> tuple[str, list[int] | None]:
     return "stdlib-shuffled", [0]
 
 
-def parts_corpus(reg: Registry, num_parts: int) -> tuple[str, list[int] | None]:
+def parts_corpus(reg: Registry, num_parts: int, max_doc_bytes: int | None) -> tuple[str, list[int] | None]:
     docs = download(reg, DownloadConfig(source="stdlib", name="stdlib"))
-    if "stdlib-parts" in reg.names():
-        return "stdlib-parts", None
+    name = f"stdlib-{num_parts}-parts" + (f"-{max_doc_bytes // 1000}kb" if max_doc_bytes else "")
+    if name in reg.names():
+        return name, None
     rows = list(iter_documents(reg, docs))
-    folder, parts = reg.job_dir("stdlib-parts", "rewritten"), []
+    if max_doc_bytes:  # each document's head, cut at a character
+        rows = [r | {"text": r["text"].encode()[:max_doc_bytes].decode(errors="ignore")} for r in rows]
+    folder, parts = reg.job_dir(name, "rewritten"), []
     bounds = np.linspace(0, len(rows), num_parts + 1).astype(int)
     for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         with DocumentWriter(reg.store, folder, "_jobs/rewritten", target_part_bytes=1 << 40, first_index=p) as w:
@@ -61,9 +66,9 @@ def parts_corpus(reg: Registry, num_parts: int) -> tuple[str, list[int] | None]:
                 w.write_line(encode_line(row))
         parts += w.parts
     text_bytes = sum(len(r["text"].encode()) for r in rows)
-    reg.commit(Manifest(name="stdlib-parts", kind="documents", job_id="rewritten", parents=[docs.ref], parts=parts,
+    reg.commit(Manifest(name=name, kind="documents", job_id="rewritten", parents=[docs.ref], parts=parts,
                         stats={"documents": len(rows), "bytes": text_bytes, "splits": {"train": len(rows)}}))
-    return "stdlib-parts", None
+    return name, None
 
 
 def replay(reg: Registry, cfg: PatchJobConfig, patched: Manifest, seeds: list[int]) -> list[dict]:
@@ -117,10 +122,10 @@ def _row(name: str, cal, dataset_mean: float) -> dict:
 
 
 def run_corpus(reg: Registry, corpus: str, args) -> dict:
-    name, chunks = demo_corpus(reg) if corpus == "demo" else parts_corpus(reg, args.parts)
+    name, chunks = demo_corpus(reg) if corpus == "demo" else parts_corpus(reg, args.parts, args.max_doc_kb * 1000)
     docs = reg.resolve(name)
     rule = PatchRule(target_patch_size=args.target, calibration_bytes=args.calibration_bytes)
-    cfg = PatchJobConfig(docs=name, name=f"{corpus}-cal", model="default", rule=rule, chunks=chunks,
+    cfg = PatchJobConfig(docs=name, name=f"{name}-cal", model="default", rule=rule, chunks=chunks,
                          workers=args.workers, dtype="fp32")
     start = time.perf_counter()
     m = run_patch_job(reg, cfg, progress=True)
@@ -146,6 +151,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=4.0)
     parser.add_argument("--calibration-bytes", type=int, default=10**6)
     parser.add_argument("--parts", type=int, default=1000, help="parts of the `parts` corpus")
+    parser.add_argument("--max-doc-kb", type=int, default=0, help="`parts` corpus: cut documents to this many KB (0: whole)")
     parser.add_argument("--seeds", type=int, default=10, help="other seeds replayed on the stored entropies")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "calibration.json"))

@@ -189,15 +189,17 @@ def test_sample_rows_uniform_deterministic_and_all_when_small():
 
 
 def test_standard_error_is_zero_on_everything_and_matches_the_spread_of_draws():
-    e, byte_lengths = synthetic_sample(seed=3, num_docs=4000)
-    docs = np.split(e, np.cumsum(byte_lengths)[:-1])
+    rng = np.random.default_rng(3)
+    byte_lengths = np.maximum(1, rng.lognormal(np.log(800), 1.0, 2000)).astype(np.int64)
+    # documents differ in how predictable they are, as real ones do
+    docs = [rng.gamma(2.0, rng.uniform(0.6, 1.0), n).astype(np.float16) for n in byte_lengths]
     whole = calibrate_threshold(docs, 4.0, population_documents=len(docs))
     assert whole.whole_dataset and whole.relative_standard_error == 0.0
     rule = whole.patch_rule()
     # Draws of 200 documents, patched with the whole's threshold: their spread around the whole's
     # mean is what the standard error of one draw predicts.
     means, errors = [], []
-    for seed in range(40):
+    for seed in range(25):
         pick = sample_rows([len(docs)], int(byte_lengths.sum()), 10**5, seed)[0]
         sample = [docs[i] for i in pick]
         lengths = np.array([d.size for d in sample])
@@ -268,6 +270,11 @@ def test_calibration_sample_is_whole_documents_spread_over_units(local_store_url
     # a dataset within WHOLE_DATASET_MULTIPLE samples: all of it
     texts, population = sample(-(-total // WHOLE_DATASET_MULTIPLE), 0)
     assert sorted(texts.values()) == sorted(every) and population == len(every)
+    # only the parts that hold a drawn document are read: the others may as well be gone
+    few = sample(1024, seed=0, num_documents=5)[0]
+    for part in {p.path for p in docs.parts} - {p for p, _ in few}:
+        reg.store.delete(f"{reg.dataset_dir('docs')}/{part}")
+    assert sample(1024, seed=0, num_documents=5)[0] == few
 
 
 def test_uniform_sample_holds_on_the_dataset_where_part_heads_miss(local_store_url):
@@ -301,7 +308,9 @@ def test_uniform_sample_holds_on_the_dataset_where_part_heads_miss(local_store_u
     assert c.dataset_mean_patch_size == m.stats.mean_patch_length == pytest.approx(dataset_mean(c.threshold))
     assert abs(c.dataset_mean_patch_size / 4.0 - 1) <= 0.02 and c.warning() is None
     assert abs(c.mean_patch_size_reached / 4.0 - 1) <= 0.02
-    # the seed is part of the job: another seed is another job, drawing other documents
+    # the seed is part of the job: another seed is another job, drawing other documents; a rule
+    # with a threshold has no use for it, and its job ids stay what they were
+    assert "calibration_seed" not in PatchRule(threshold=1.0).model_dump() and "calibration_seed" in rule.model_dump()
     other = repatch(reg, RepatchConfig(patches="scored", name="cal", rule=rule.model_copy(update={"calibration_seed": 1})))
     assert other.job_id != m.job_id and other.params["calibration"]["threshold"] != c.threshold
 
