@@ -125,7 +125,7 @@ def run_corpus(reg: Registry, corpus: str, args) -> dict:
     name, chunks = demo_corpus(reg) if corpus == "demo" else parts_corpus(reg, args.parts, args.max_doc_kb * 1000)
     docs = reg.resolve(name)
     rule = PatchRule(target_patch_size=args.target, calibration_bytes=args.calibration_bytes)
-    cfg = PatchJobConfig(docs=name, name=f"{name}-cal", model="default", rule=rule, chunks=chunks,
+    cfg = PatchJobConfig(docs=name, name=f"{corpus}-cal", model="default", rule=rule, chunks=chunks,
                          workers=args.workers, dtype="fp32")
     start = time.perf_counter()
     m = run_patch_job(reg, cfg, progress=True)

@@ -138,16 +138,15 @@ def calibration_sample(
     everything, the population is its non-empty documents). Reads only the parts that hold a
     drawn document, each once and only up to its last drawn line.
     """
-    population = sum(u.stop - u.start for u in units)
     rows = [u.stop - u.start for u in units]
     picks = sample_rows(rows, sum(u.bytes for u in units), sample_bytes, seed, num_documents)
     everything = picks is None
     if everything:
-        picks = {i: np.arange(u.stop - u.start) for i, u in enumerate(units)}
+        picks = {i: np.arange(n) for i, n in enumerate(rows)}
     wanted: dict[str, set[int]] = {}  # part -> line numbers, parts in plan order
-    for index, rows in sorted(picks.items()):
+    for index, unit_rows in sorted(picks.items()):
         unit = units[index]
-        wanted.setdefault(unit.part, set()).update((unit.start + rows).tolist())
+        wanted.setdefault(unit.part, set()).update((unit.start + unit_rows).tolist())
     texts = {}
     for part, lines in wanted.items():
         last, where = max(lines), store.uri(f"{input_dir}/{part}")
@@ -156,7 +155,7 @@ def calibration_sample(
                 texts[part, i] = text
             if i == last:
                 break
-    return texts, len(texts) if everything else population
+    return texts, len(texts) if everything else sum(rows)
 
 
 def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None) -> UnitRecord:
