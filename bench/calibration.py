@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "calibration.json"))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the job's calibration progress
     reg = Registry(Store.open(args.store))
     results = [run_corpus(reg, c, args) for c in (["demo", "parts"] if args.corpus == "both" else [args.corpus])]
 

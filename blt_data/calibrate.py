@@ -26,7 +26,9 @@ heads differ from the rest, and cut documents weigh their beginnings (measured: 
 demo's data). The dataset's mean patch size is a ratio over documents, Σ bytes / Σ patches, so
 a uniform document sample estimates it without bias to first order, with a standard error that
 the sample itself measures (``Calibration.relative_standard_error``, the ratio estimator's
-linearised variance with the finite-population correction). A dataset of at most
+linearised variance with the finite-population correction); where that error exceeds half the
+tolerance, a larger draw replaces it (``calibrate_drawn``; the draws are nested, so a job scores
+only the documents it adds). A dataset of at most
 ``WHOLE_DATASET_MULTIPLE`` × ``calibration_bytes`` is calibrated on all of its documents: that
 costs at most a few samples' scoring, and leaves only the float noise between two scorings.
 After the job, the manifest records the whole dataset's mean beside the sample's.

@@ -62,7 +62,7 @@ def registry_show(
     typer.echo("  params    " + json.dumps(m.params, sort_keys=True))
     if m.params.get("calibration"):
         calibration = Calibration.model_validate(m.params["calibration"])
-        typer.echo(f"  threshold {calibration.describe()}")
+        typer.echo(f"  threshold {calibration.threshold:.4g} nats, {calibration.describe()}")
         if warning := calibration.warning():
             typer.secho(f"  warning   {warning}", fg="yellow")
     for p in m.parts:
