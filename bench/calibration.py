@@ -93,7 +93,8 @@ def replay(reg: Registry, cfg: PatchJobConfig, patched: Manifest, seeds: list[in
     share = max(1, cfg.rule.calibration_bytes // len(by_part))
     head = head_sample(([entropies[i] for i in idx] for idx in by_part.values()), share)
     cal = calibrate_threshold(head, cfg.rule.target_patch_size)
-    rows.append(_row("head", cal, dataset_mean(cal.threshold)))
+    # no standard error: a head sample is not a uniform draw, so the formula does not apply
+    rows.append(_row("head", cal.model_copy(update={"relative_standard_error": None}), dataset_mean(cal.threshold)))
     # New rule, other seeds: the job's draw over units (JSON-line bytes decide its size).
     unit_rows = [u.stop - u.start for u in plan.units]
     total = sum(u.bytes for u in plan.units)
@@ -139,7 +140,7 @@ def run_corpus(reg: Registry, corpus: str, args) -> dict:
         "relative_standard_error_pct": 100 * c["relative_standard_error"], "seconds": seconds,
     }
     return {
-        "corpus": corpus, "input": docs.ref, "input_parts": len(docs.parts), "chunks": chunks,
+        "corpus": corpus, "input": docs.ref, "input_parts": len({u.part for u in plan_patch_job(reg, cfg).units}), "chunks": chunks,
         "documents": m.stats.documents, "bytes": m.stats.bytes, "calibration": c,
         "rows": [job, *replay(reg, cfg, m, list(range(1, args.seeds + 1)))],
     }
