@@ -127,7 +127,7 @@ def run_corpus(reg: Registry, corpus: str, args) -> dict:
     name, chunks = demo_corpus(reg) if corpus == "demo" else parts_corpus(reg, args.parts, args.max_doc_kb * 1000)
     docs = reg.resolve(name)
     rule = PatchRule(target_patch_size=args.target, calibration_bytes=args.calibration_bytes)
-    cfg = PatchJobConfig(docs=name, name=f"{corpus}-cal", model="default", rule=rule, chunks=chunks,
+    cfg = PatchJobConfig(docs=name, name=args.job_name.format(corpus=corpus), model="default", rule=rule, chunks=chunks,
                          workers=args.workers, dtype="fp32")
     start = time.perf_counter()
     m = run_patch_job(reg, cfg, progress=True)
@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--max-doc-kb", type=int, default=0, help="`parts` corpus: cut documents to this many KB (0: whole)")
     parser.add_argument("--seeds", type=int, default=10, help="other seeds replayed on the stored entropies")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--job-name", default="{corpus}-cal",
+                        help="patches dataset to make; a new name runs the job again (an existing job is reused)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "calibration.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the job's calibration progress
