@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from blt_data.calibrate import Calibration
 from blt_data.lineage import lineage
 from blt_data.patches import check_patches, has_entropies
 from blt_data.patching import ENTROPY_SCHEMES
@@ -311,6 +312,9 @@ def _render(registry: Registry, manifest: Manifest, documents: list[Document], o
     if p.get("max_patch_length"):
         rule += f", max patch length {p['max_patch_length']} bytes"
     summary.append(rule)
+    if p.get("calibration"):
+        calibration = Calibration.model_validate(p["calibration"])
+        summary.append(calibration.describe() + (f" (warning: {w})" if (w := calibration.warning()) else ""))
     model = p.get("model")
     if isinstance(model, dict) and "ref" in model:
         summary.append(f"entropy model {model['ref']} (sha256 {str(model.get('sha256', '?'))[:12]}…)")

@@ -51,7 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.calibrate import calibrated, head_sample
+from blt_data.calibrate import CalibrationSample, calibrated, head_sample
 from blt_data.documents import PartWriter, encode_line, quarantine_record
 from blt_data.documents import part_name as documents_part_name
 from blt_data.patch_units import read_records
@@ -731,7 +731,7 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
     if existing is not None:
         return existing
     job_dir = registry.job_dir(cfg.name, job_id)
-    patch, calibration = calibrated(registry.store, job_dir, cfg.rule, lambda: _calibration_sample(src, shards, cfg.rule))
+    patch, calibration = calibrated(registry.store, job_dir, cfg.rule, lambda num: _calibration_sample(src, shards, cfg.rule))
 
     records = read_records(registry.store, job_dir, ShardRecord)
     seen: set[int] = set()  # hashes of the ids so far: 8 bytes and a set slot per document
@@ -763,7 +763,7 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
         "model": model_info,
         **cfg.rule.params(),
         "threshold": patch.threshold,
-        "calibration": calibration.model_dump() if calibration else None,
+        "calibration": calibration.with_dataset_mean(dataset_stats.mean_patch_length).model_dump() if calibration else None,
         "entropies": True,
         "eos_entropy": True,
     }
@@ -780,7 +780,11 @@ def _shard_entropies(src: Store, path: str) -> Iterator[np.ndarray]:
         yield from from_meta_batch(batch).entropies.to_numpy(zero_copy_only=False)
 
 
-def _calibration_sample(src: Store, shards: list[tuple[str, int]], rule: PatchRule) -> list[np.ndarray]:
-    """Entropies to calibrate a target patch size on: the head of every shard (an equal share each)."""
+def _calibration_sample(src: Store, shards: list[tuple[str, int]], rule: PatchRule) -> CalibrationSample:
+    """Entropies to calibrate a target patch size on: the head of every shard (an equal share each).
+
+    TODO(calibration-meta-sample): draw whole documents with ``calibrate.sample_rows`` as patch
+    and repatch do; it needs each shard's row count, which an Arrow IPC file gives only by
+    reading its record batches' headers."""
     share = max(1, rule.calibration_bytes // len(shards))
-    return head_sample((_shard_entropies(src, path) for path, _ in shards), share)
+    return CalibrationSample(head_sample((_shard_entropies(src, path) for path, _ in shards), share))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import re
 from collections import Counter
@@ -52,7 +53,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from blt_data.calibrate import Calibration
+from blt_data.calibrate import Calibration, sample_rows
 from blt_data.documents import iter_lines, parse_document
 from blt_data.patches import arrow_schema_summary, build_table, entropies_array, part_name, write_part
 from blt_data.patching import PatchRule, patch_lengths_arrow
@@ -61,6 +62,7 @@ from blt_data.stats import DatasetStats
 from blt_data.storage import Store
 
 R = TypeVar("R", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 # How units are cut: part of the job id, so that a job folder begun under another plan is never
 # finished under this one (2: units shrink on small inputs, see `unit_size`).
@@ -244,25 +246,35 @@ def read_unit(store: Store, input_dir: str, unit: Unit, reader: PartReader | Non
     return ids, texts
 
 
-def calibration_sample(store: Store, input_dir: str, units: list[Unit], sample_bytes: int) -> list[str]:
-    """A deterministic sample of about ``sample_bytes`` UTF-8 bytes: the head of every input part,
-    an equal share each; the document that crosses a share's end is cut there (its entropies
-    are those of the whole document's first bytes, as scoring is causal)."""
-    heads = [u for u in units if u.start == 0]
-    share = max(1, sample_bytes // max(1, len(heads)))
-    texts = []
-    for unit in heads:
-        left = share
-        where = store.uri(f"{input_dir}/{unit.part}")
-        for i, raw in enumerate(iter_lines(store, f"{input_dir}/{unit.part}")):
-            data = parse_document(raw, where, i + 1)["text"].encode("utf-8")
-            if not data:
-                continue
-            texts.append(data[:left].decode("utf-8", errors="ignore"))
-            left -= len(data)
-            if left <= 0:
+def calibration_sample(
+    store: Store, input_dir: str, units: list[Unit], sample_bytes: int, seed: int, num_documents: int | None = None,
+) -> tuple[dict[tuple[str, int], str], int]:
+    """The texts of the calibration sample by (part, line), and the number of documents it was
+    drawn from.
+
+    Whole documents that ``calibrate.sample_rows`` draws over every unit of the plan (all of
+    them for a small dataset), empty ones left out (they have no patch: when the sample is
+    everything, the population is its non-empty documents). Reads only the parts that hold a
+    drawn document, each once and only up to its last drawn line.
+    """
+    rows = [u.stop - u.start for u in units]
+    picks = sample_rows(rows, sum(u.bytes for u in units), sample_bytes, seed, num_documents)
+    everything = picks is None
+    if everything:
+        picks = {i: np.arange(n) for i, n in enumerate(rows)}
+    wanted: dict[str, set[int]] = {}  # part -> line numbers, parts in plan order
+    for index, unit_rows in sorted(picks.items()):
+        unit = units[index]
+        wanted.setdefault(unit.part, set()).update((unit.start + unit_rows).tolist())
+    texts = {}
+    for part, lines in wanted.items():
+        last, where = max(lines), store.uri(f"{input_dir}/{part}")
+        for i, raw in enumerate(iter_lines(store, f"{input_dir}/{part}")):
+            if i in lines and (text := parse_document(raw, where, i + 1)["text"]):
+                texts[part, i] = text
+            if i == last:
                 break
-    return [t for t in texts if t]
+    return texts, len(texts) if everything else sum(rows)
 
 
 def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None, reader: PartReader | None = None) -> UnitRecord:
@@ -514,7 +526,9 @@ def commit_patches(
 
     Statistics add in a fixed order (`Completion.stats`), so the float sums of a resumed job
     equal an uninterrupted one's. ``params`` (input, model, scoring, ...) are completed with the
-    rule as requested, its threshold as applied, and the calibration.
+    rule as requested, its threshold as applied, and the calibration with the whole dataset's mean
+    patch size (a warning is logged when that misses the target by more than the calibration's
+    tolerance).
     """
     parts = done.ordered_parts()
     stats = done.stats()
@@ -522,6 +536,10 @@ def commit_patches(
     for part in parts:
         splits[part.split] += part.rows
     rule = requested.params() | {"threshold": spec.patch.threshold}
+    if calibration is not None:
+        calibration = calibration.with_dataset_mean(stats.mean_patch_length)
+        if (warning := calibration.warning()) is not None:
+            log.warning("%s: %s", spec.name, warning)
     manifest = Manifest(
         name=spec.name, kind="patches", job_id=spec.job_id, parents=parents,
         params={**params, **rule, "calibration": calibration.model_dump() if calibration else None,

@@ -68,7 +68,7 @@ from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 Scheme = Literal["entropy", "monotonic", "space", "static", "byte"]
 ENTROPY_SCHEMES = ("entropy", "monotonic")
@@ -109,6 +109,7 @@ class PatchRule(BaseModel):
         None, gt=0, description="bytes per patch; entropy/monotonic only: calibrate the threshold on a sample"
     )
     calibration_bytes: int = Field(10**6, ge=1024, le=1 << 30, description="sample size (UTF-8 bytes) for target_patch_size")
+    calibration_seed: int = Field(0, ge=0, description="seed of the calibration sample's draw of documents (target_patch_size only)")
     max_patch_length: int | None = Field(None, ge=1, description="cut longer patches into pieces of this many bytes")
     patch_size: int = Field(4, ge=1, description="bytes per patch for `static`")
 
@@ -121,6 +122,15 @@ class PatchRule(BaseModel):
         elif self.threshold is not None and self.target_patch_size is not None:
             raise ValueError(f"scheme {self.scheme!r} takes a threshold or a target_patch_size, not both")
         return self
+
+    @model_serializer(mode="wrap")
+    def _seed_only_with_target(self, handler):
+        # The seed decides output only through calibration: a rule with a threshold dumps (and so
+        # hashes into job ids) as it did before the seed existed.
+        data = handler(self)
+        if self.target_patch_size is None:
+            data.pop("calibration_seed", None)
+        return data
 
     def require_threshold_or_target(self, options: str = "threshold and target_patch_size") -> None:
         """For a job that has nowhere else to take the threshold from: an entropy scheme needs

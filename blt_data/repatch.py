@@ -9,7 +9,8 @@ patching the documents again with the same model and θ.
 Resumable like the patch job: part k is written, then its completion record
 ``_jobs/<job-id>/_done/unit-<k>.json`` (compacted by blocks as the patch job's are,
 ``patch_units.Completion``); the manifest is committed last. A target patch size is
-calibrated once per job on the head of every parent part (``calibration.json`` in the job folder).
+calibrated once per job on whole documents drawn over every parent part, as the patch job draws
+them (``calibrate.sample_rows``; ``calibration.json`` in the job folder).
 
 TODO(repatch-parallel): parts are independent; a process pool would use every core.
 """
@@ -18,18 +19,16 @@ from __future__ import annotations
 
 import logging
 
-from typing import Iterator
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from blt_data.calibrate import calibrated, head_sample
+from blt_data.calibrate import CalibrationSample, calibrated, sample_rows
 from blt_data.jobs import output_fields
 from blt_data.patch_units import Completion, UnitRecord, UnitSpec, commit_patches, record_path
-from blt_data.patches import PatchesPartWriter, build_table, has_entropies, has_eos_entropy, part_name, patches_schema
+from blt_data.patches import PatchesPartWriter, build_table, has_entropies, has_eos_entropy, part_name, patches_schema, read_part
 from blt_data.patching import ENTROPY_SCHEMES, PatchRule, patch_lengths_arrow
 from blt_data.registry import Manifest, Registry, check_name, job_hash
 from blt_data.stats import DatasetStats
@@ -57,16 +56,20 @@ class RepatchConfig(BaseModel):
         return self
 
 
-def _part_entropies(registry: Registry, parent: Manifest, part) -> Iterator[np.ndarray]:
-    with registry.store.open_input(registry.part_path(parent, part)) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=["entropies"]):
-            yield from batch.column(0).to_numpy(zero_copy_only=False)
-
-
-def _sample_entropies(registry: Registry, parent: Manifest, sample_bytes: int) -> list[np.ndarray]:
-    """The head of every parent part, an equal share of ``sample_bytes`` each."""
-    share = max(1, sample_bytes // max(1, len(parent.parts)))
-    return head_sample((_part_entropies(registry, parent, part) for part in parent.parts), share)
+def _sample_entropies(registry: Registry, parent: Manifest, rule: PatchRule, num: int | None) -> CalibrationSample:
+    """Stored entropies of the first ``num`` documents ``sample_rows`` draws over every parent part
+    (the patch job's draw, over parts instead of units); reads only the parts that hold one."""
+    rows = [p.rows for p in parent.parts]
+    picks = sample_rows(rows, parent.stats.bytes, rule.calibration_bytes, rule.calibration_seed, num)
+    chosen = range(len(parent.parts)) if picks is None else sorted(picks)
+    entropies = []
+    for index in chosen:
+        column = read_part(registry.store, registry.part_path(parent, parent.parts[index]), ["entropies"]).column(0)
+        if picks is not None:
+            column = column.take(picks[index])
+        entropies.extend(e for e in column.to_numpy(zero_copy_only=False) if len(e))
+    population = len(entropies) if picks is None else sum(p.rows for p in parent.parts)
+    return CalibrationSample(entropies, population)
 
 
 def repatch(registry: Registry, cfg: RepatchConfig, progress: bool = False) -> Manifest:
@@ -88,9 +91,7 @@ def repatch(registry: Registry, cfg: RepatchConfig, progress: bool = False) -> M
         input_dir=registry.dataset_dir(parent.name), output_dir=registry.dataset_dir(cfg.name), name=cfg.name,
         job_id=job_id, patch=cfg.rule, keep_entropies=True, keep_eos_entropy=has_eos_entropy(parent),
     )
-    rule, calibration = calibrated(
-        registry.store, spec.job_dir, cfg.rule, lambda: _sample_entropies(registry, parent, cfg.rule.calibration_bytes)
-    )
+    rule, calibration = calibrated(registry.store, spec.job_dir, cfg.rule, lambda num: _sample_entropies(registry, parent, cfg.rule, num))
     spec.patch = rule
     done = Completion.load(registry.store, spec.job_dir, len(parent.parts))
     todo = [(i, p) for i, p in enumerate(parent.parts) if i not in done]

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 from pydantic import BaseModel, ByteSize, TypeAdapter, ValidationError
 
+from blt_data.calibrate import Calibration
 from blt_data.registry import Manifest, Registry, RegistryError
 from blt_data.storage import Store, StoreError
 from blt_model.configs import build_config
@@ -143,10 +144,12 @@ def describe_patches(m: Manifest, as_json: bool) -> None:
     line = f"  {s.patches or 0:,} patches, mean {s.mean_patch_length or 0:.2f} bytes ({p['scheme']}"
     if p.get("threshold") is not None:
         line += f", threshold {p['threshold']:.4g} nats"
-    if p.get("calibration"):
-        c = p["calibration"]
-        line += f" calibrated for {c['target']:g} bytes on {c['sample_bytes']:,} sample bytes, reached {c['mean_patch_size_reached']:.3f}"
+    calibration = Calibration.model_validate(p["calibration"]) if p.get("calibration") else None
+    if calibration is not None:
+        line += f" {calibration.describe()}"
     typer.echo(line + ")")
+    if calibration is not None and (warning := calibration.warning()):
+        typer.secho(f"  warning: {warning}", fg="yellow")
     if p.get("model"):
         typer.echo(f"  model {p['model']['ref']} (sha256 {p['model']['sha256'][:16]}…)")
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from blt_data.calibrate import Calibration
 from blt_data.registry import area_of
 from blt_data.verify import verify
 from cli.common import (
@@ -61,6 +62,11 @@ def registry_show(
     typer.echo(f"  created   {m.created}  by blt-data {m.code_version}  (job {m.job_id})")
     typer.echo(f"  parents   {', '.join(m.parents) or '-'}")
     typer.echo("  params    " + json.dumps(m.params, sort_keys=True))
+    if m.params.get("calibration"):
+        calibration = Calibration.model_validate(m.params["calibration"])
+        typer.echo(f"  threshold {calibration.threshold:.4g} nats, {calibration.describe()}")
+        if warning := calibration.warning():
+            typer.secho(f"  warning   {warning}", fg="yellow")
     if m.parts_file is not None:
         f = m.parts_file
         where = reg.store.uri(f"{reg.version_dir(m.name, m.version, area_of(m.kind))}/{f.path}")

@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from blt_data import patch_units
-from blt_data.calibrate import Calibration, calibrated
+from blt_data.calibrate import Calibration, CalibrationSample, calibrated
 from blt_data.jobs import EXECUTION, output_fields
 from blt_data.patch_units import (
     PLAN_VERSION, Completion, PartReader, Unit, UnitRecord, UnitSpec, calibration_sample, commit_patches, load_plan,
@@ -382,16 +382,32 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
 
 
-def _calibration_sample(registry: Registry, plan: PatchPlan, pool: _Pool) -> list[np.ndarray]:
-    """Entropies of the calibration sample, scored by the first actor (replaced if it dies)."""
+def _calibration_sample(registry: Registry, plan: PatchPlan, pool: _Pool, scored: dict, num: int | None) -> CalibrationSample:
+    """Entropies of the first ``num`` documents of the calibration draw (None: its default size),
+    scored by every actor on a share of about equal size (an actor that dies is replaced and its
+    share scored again). ``scored`` keeps them by (part, line) for a larger draw to reuse."""
     cfg = plan.config
-    texts = calibration_sample(registry.store, plan.spec.input_dir, plan.units, cfg.rule.calibration_bytes)
+    texts, population = calibration_sample(
+        registry.store, plan.spec.input_dir, plan.units, cfg.rule.calibration_bytes, cfg.rule.calibration_seed, num
+    )
+    keys = [k for k in texts if k not in scored]
+    log.info("calibration: scoring %d documents (%.2f MB; %d drawn) on %d actors", len(keys),
+             sum(len(texts[k]) for k in keys) / 1e6, len(texts), len(pool.actors))
+    ends = np.cumsum([len(texts[k]) for k in keys])
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, len(pool.actors)) / len(pool.actors)) if keys else []
+    shares = [keys[a:b] for a, b in zip([0, *cuts], [*cuts, len(keys)])]
+    done = [False] * len(shares)
     for attempt in range(cfg.retries + 1):
-        try:
-            return ray.get(pool.actors[0].score.remote(texts))
-        except ray.exceptions.RayActorError:
-            pool.replace(0)
-    raise PatchJobError("the worker scoring the calibration sample kept dying")
+        refs = {pool.actors[i].score.remote([texts[k] for k in share]): i for i, share in enumerate(shares) if not done[i]}
+        for ref, i in refs.items():
+            try:
+                scored.update(zip(shares[i], ray.get(ref)))
+                done[i] = True
+            except ray.exceptions.RayActorError:
+                pool.replace(i)
+        if all(done):
+            return CalibrationSample([scored[k] for k in texts], population)
+    raise PatchJobError("the workers scoring the calibration sample kept dying")
 
 
 IN_FLIGHT = 2  # calls queued on each actor: it starts its next unit without waiting for the driver
@@ -529,7 +545,7 @@ def run_patch_job(registry: Registry, cfg: PatchJobConfig, progress: bool = Fals
         started = _connect(cfg)
         pool = _Pool(max(1, min(cfg.workers, len(todo))), store_url, plan.model, cfg)
         try:
-            rule, calibration = calibrated(registry.store, spec.job_dir, cfg.rule, lambda: _calibration_sample(registry, plan, pool))
+            rule, calibration = calibrated(registry.store, spec.job_dir, cfg.rule, partial(_calibration_sample, registry, plan, pool, {}))
             spec = spec.model_copy(update={"patch": rule})
             if len(done):
                 log.info("resuming job %s: %d of %d units done", plan.job_id, len(done), len(plan.units))

@@ -1,16 +1,29 @@
 """Threshold calibration: the mean patch size reached is within 2% of the target when patching the
-sample again with the returned threshold; unreachable targets fail with the reachable range."""
+sample again with the returned threshold; unreachable targets fail with the reachable range. The
+sample: whole documents drawn uniformly over the job (all of a small dataset), deterministic for
+a seed, holding on the whole dataset where a head-of-part sample misses."""
 
 from __future__ import annotations
 
 import sysconfig
+import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from blt_data.calibrate import Calibration, CalibrationError, calibrate_threshold
+from blt_data.calibrate import (
+    ERROR_BUDGET, MIN_SAMPLE_DOCUMENTS, WHOLE_DATASET_MULTIPLE, Calibration, CalibrationError, calibrate_threshold, head_sample,
+    sample_rows,
+)
+from blt_data.documents import DocumentWriter, encode_line, iter_documents
+from blt_data.patch_units import UnitSpec, calibration_sample, commit_patches, patch_unit, plan_units
+from blt_data.patches import read_part, read_patches
 from blt_data.patching import PatchRule, patch_lengths, patch_lengths_batch
+from blt_data.registry import Manifest, Registry
+from blt_data.repatch import RepatchConfig, repatch
+from blt_data.storage import Store
 
 
 def synthetic_sample(seed: int = 0, num_docs: int = 150) -> tuple[np.ndarray, np.ndarray]:
@@ -151,3 +164,156 @@ def test_deterministic_and_layout_independent():
     assert a == b == c
     assert Calibration.model_validate_json(a.model_dump_json()) == a
     assert a.patch_rule() == PatchRule(scheme="monotonic", threshold=a.threshold, max_patch_length=10)
+
+
+# --- The sample: whole documents drawn uniformly over the job, or all of them -------------------
+
+
+def test_sample_rows_uniform_deterministic_and_all_when_small():
+    rows = [50] * 400  # 20,000 documents in 400 groups (units, parts)
+    total = 20_000 * 1000  # 1 KB each
+    assert sample_rows(rows, total, total // WHOLE_DATASET_MULTIPLE, seed=0) is None  # small: everything
+    picks = sample_rows(rows, total, 10**6, seed=0)
+    again = sample_rows(rows, total, 10**6, seed=0)
+    assert picks.keys() == again.keys() and all(np.array_equal(picks[g], again[g]) for g in picks)
+    other = sample_rows(rows, total, 10**6, seed=1)
+    flat = np.concatenate([g * 50 + picks[g] for g in sorted(picks)])
+    assert flat.size == 1000 and np.unique(flat).size == 1000  # about 1 MB at 1 KB each, distinct
+    assert not np.array_equal(flat, np.concatenate([g * 50 + other[g] for g in sorted(other)]))
+    assert all(np.all(np.diff(p) > 0) and p.min() >= 0 and p.max() < 50 for p in picks.values())
+    # spread: most groups hold some, and positions inside a group are not just its head
+    assert len(picks) > 300 and np.mean(np.concatenate(list(picks.values()))) == pytest.approx(24.5, abs=2)
+    # long documents: never fewer than MIN_SAMPLE_DOCUMENTS, and all of them if that is everything
+    assert sum(p.size for p in sample_rows([10] * 100, 10**9, 10**6, seed=0).values()) == MIN_SAMPLE_DOCUMENTS
+    assert sample_rows([10] * 10, 10**9, 10**6, seed=0) is None
+
+
+def test_standard_error_is_zero_on_everything_and_matches_the_spread_of_draws():
+    rng = np.random.default_rng(3)
+    byte_lengths = np.maximum(1, rng.lognormal(np.log(800), 1.0, 2000)).astype(np.int64)
+    # documents differ in how predictable they are, as real ones do
+    docs = [rng.gamma(2.0, rng.uniform(0.6, 1.0), n).astype(np.float16) for n in byte_lengths]
+    whole = calibrate_threshold(docs, 4.0, population_documents=len(docs))
+    assert whole.whole_dataset and whole.relative_standard_error == 0.0
+    rule = whole.patch_rule()
+    # Draws of 200 documents, patched with the whole's threshold: their spread around the whole's
+    # mean is what the standard error of one draw predicts.
+    means, errors = [], []
+    for seed in range(25):
+        pick = sample_rows([len(docs)], int(byte_lengths.sum()), 10**5, seed)[0]
+        sample = [docs[i] for i in pick]
+        lengths = np.array([d.size for d in sample])
+        means.append(lengths.sum() / patch_lengths_batch(lengths, np.concatenate(sample), rule).patch_lengths.size)
+        errors.append(calibrate_threshold(sample, 4.0, population_documents=len(docs)).relative_standard_error)
+    spread = np.std(np.array(means) / whole.mean_patch_size_reached - 1)
+    assert 0.5 < np.mean(errors) / spread < 2.0
+
+
+def test_calibration_record_says_how_the_dataset_came_out():
+    e, byte_lengths = synthetic_sample(seed=4, num_docs=60)
+    cal = calibrate_threshold(e, 4.0, byte_lengths=byte_lengths, population_documents=600)
+    assert not cal.whole_dataset and cal.warning() is None and "dataset" not in cal.describe()
+    held = cal.with_dataset_mean(4.06)
+    assert held.warning() is None and "dataset 4.060 (+1.50%)" in held.describe()
+    missed = cal.with_dataset_mean(4.12)
+    assert "+3.0% off the target 4" in missed.warning() and "dataset 4.120 (+3.00%)" in missed.describe()
+    # records made before whole-document sampling still read, and say they sampled part heads
+    old = {k: v for k, v in cal.model_dump().items() if k in ("threshold", "scheme", "max_patch_length", "target",
+           "mean_patch_size_reached", "sample_documents", "sample_bytes", "sample_patches")}
+    assert "part heads" in Calibration.model_validate(old).describe()
+
+
+def heads_differ_dataset(reg: Registry, num_parts: int = 30, per_part: int = 20, body_bytes=(500, 1500)) -> Manifest:
+    """Parts whose first document is long boilerplate (low entropy, long patches) and whose
+    other documents are ordinary, committed as a documents dataset of one part each."""
+    folder = reg.job_dir("docs", "j")
+    rng = np.random.default_rng(0)
+    text_bytes, n = 0, 0
+    parts = []
+    for p in range(num_parts):
+        with DocumentWriter(reg.store, folder, "_jobs/j", target_part_bytes=10**9, first_index=p) as w:
+            for i in range(per_part + 1):
+                size = 1500 if i == 0 else int(rng.integers(*body_bytes))
+                text = ("HEAD " if i == 0 else "BODY ") + "".join(rng.choice(list("abcdefgh "), size - 5))
+                w.write_line(encode_line({"id": f"p{p}-{i}", "text": text}))
+                text_bytes, n = text_bytes + size, n + 1
+        parts += w.parts
+    return reg.commit(Manifest(name="docs", kind="documents", job_id="j", parts=parts,
+                               stats={"documents": n, "bytes": text_bytes, "splits": {"train": n}}))
+
+
+def synthetic_score(texts):
+    """A stand-in entropy model with a spread of values: per-byte gamma noise seeded by the text;
+    boilerplate ("HEAD ...") at four fifths of the scale, so its patches are much longer."""
+    for t in texts:
+        rng = np.random.default_rng(zlib.crc32(t.encode()))
+        yield rng.gamma(2.0, 0.8 / (1.25 if t.startswith("HEAD") else 1), len(t.encode())).astype(np.float32)
+
+
+def test_calibration_sample_is_whole_documents_spread_over_units(local_store_url):
+    reg = Registry(Store.open(local_store_url))
+    docs = heads_differ_dataset(reg)
+    units = plan_units(reg, docs, unit_bytes=8000)
+    every = {d["text"]: d["id"] for d in iter_documents(reg, docs)}
+    total = sum(u.bytes for u in units)
+    sample = partial(calibration_sample, reg.store, reg.dataset_dir("docs"), units)
+    texts, population = sample(1024, seed=0)
+    assert population == len(every) == 630 and len(texts) == MIN_SAMPLE_DOCUMENTS
+    for (part, line), text in texts.items():  # whole documents, at their place
+        assert every[text] == f"p{[p.path for p in docs.parts].index(part)}-{line}"
+    assert texts == sample(1024, seed=0)[0]
+    assert texts.keys() != sample(1024, seed=1)[0].keys()
+    assert len({p for p, _ in texts}) > 25 and sum(line == 0 for _, line in texts) < 30  # not the heads
+    assert len({u.index for u in units for p, line in texts if u.part == p and u.start <= line < u.stop}) > 40
+    larger = sample(1024, seed=0, num_documents=400)[0]  # a larger draw holds the smaller one
+    assert len(larger) == 400 and texts.items() <= larger.items()
+    # a dataset within WHOLE_DATASET_MULTIPLE samples: all of it
+    texts, population = sample(-(-total // WHOLE_DATASET_MULTIPLE), 0)
+    assert sorted(texts.values()) == sorted(every) and population == len(every)
+    # only the parts that hold a drawn document are read: the others may as well be gone
+    few = sample(1024, seed=0, num_documents=5)[0]
+    for part in {p.path for p in docs.parts} - {p for p, _ in few}:
+        reg.store.delete(f"{reg.dataset_dir('docs')}/{part}")
+    assert sample(1024, seed=0, num_documents=5)[0] == few
+
+
+def test_uniform_sample_holds_on_the_dataset_where_part_heads_miss(local_store_url):
+    """Through repatch (stored entropies, no model): the old head-of-part sample calibrates on
+    the boilerplate heads and misses the target on the whole dataset by far more than 2%; the
+    uniform whole-document sample holds, and the manifest records both means."""
+    reg = Registry(Store.open(local_store_url))
+    docs = heads_differ_dataset(reg, num_parts=50, per_part=50, body_bytes=(200, 600))  # 2,550 documents, 1.1 MB
+    spec = UnitSpec(input_dir=reg.dataset_dir("docs"), output_dir=reg.dataset_dir("scored"), name="scored", job_id="s",
+                    patch=PatchRule(threshold=1.0), keep_entropies=True)
+    records = [patch_unit(reg.store, u, spec, synthetic_score) for u in plan_units(reg, docs, unit_bytes=8000)]
+    scored = commit_patches(reg, spec, records, spec.patch, None, ["docs@v1"], {"input": "docs@v1"})
+    table = read_patches(reg, scored)
+    lengths = np.array([len(t.encode()) for t in table.column("text").to_pylist()])
+    entropies = np.concatenate(table.column("entropies").to_numpy(zero_copy_only=False))
+
+    def dataset_mean(threshold: float) -> float:
+        return lengths.sum() / patch_lengths_batch(lengths, entropies, PatchRule(threshold=threshold)).patch_lengths.size
+
+    rule = PatchRule(target_patch_size=4.0, calibration_bytes=30_000)  # a draw, not everything
+    old = calibrate_threshold(head_sample((reg_part_entropies(reg, scored, p) for p in scored.parts),
+                                          rule.calibration_bytes // len(scored.parts)), 4.0)
+    assert abs(dataset_mean(old.threshold) / 4.0 - 1) > 0.02
+
+    m = repatch(reg, RepatchConfig(patches="scored", name="cal", rule=rule))
+    c = Calibration.model_validate(m.params["calibration"])
+    # 200 documents left a standard error of 1.7% (heads are 2% of the documents, 7% of the
+    # bytes): the draw grew until it fell under a third of the tolerance
+    assert not c.whole_dataset and c.sample_documents > MIN_SAMPLE_DOCUMENTS and c.seed == 0
+    assert c.relative_standard_error <= ERROR_BUDGET * 0.02
+    assert c.dataset_mean_patch_size == m.stats.mean_patch_length == pytest.approx(dataset_mean(c.threshold))
+    assert abs(c.dataset_mean_patch_size / 4.0 - 1) <= 0.02 and c.warning() is None
+    assert abs(c.mean_patch_size_reached / 4.0 - 1) <= 0.02
+    # the seed is part of the job: another seed is another job, drawing other documents; a rule
+    # with a threshold has no use for it, and its job ids stay what they were
+    assert "calibration_seed" not in PatchRule(threshold=1.0).model_dump() and "calibration_seed" in rule.model_dump()
+    other = repatch(reg, RepatchConfig(patches="scored", name="cal", rule=rule.model_copy(update={"calibration_seed": 1})))
+    assert other.job_id != m.job_id and other.params["calibration"]["threshold"] != c.threshold
+
+
+def reg_part_entropies(reg: Registry, manifest: Manifest, part):
+    return read_part(reg.store, reg.part_path(manifest, part), ["entropies"]).column(0).to_numpy(zero_copy_only=False)

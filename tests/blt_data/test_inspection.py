@@ -225,3 +225,13 @@ def test_page_in_headless_chromium(lineage, tmp_path):
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     assert ((r > 200) & (g < 170) & (b < 170)).sum() > 500  # entropy shading rendered (reds)
     assert ((b > 120) & (r < 80) & (g < 120)).sum() > 200  # patch-start edges rendered (blue)
+
+
+def test_page_shows_the_calibration_and_the_dataset_mean(lineage, tmp_path):
+    reg, made = lineage
+    m = repatch(reg, RepatchConfig(patches="pat", name="sized", rule=PatchRule(target_patch_size=1.8)))  # a step of the fake entropies
+    c = m.params["calibration"]
+    page = write_inspect_page(reg, "sized", tmp_path / "page").read_text()
+    expected = (f"calibrated for 1.8 bytes on all {c['sample_documents']} documents ({c['sample_bytes']:,} bytes): "
+                f"sample {c['mean_patch_size_reached']:.3f}, dataset {m.stats.mean_patch_length:.3f}")
+    assert html.escape(expected) in page
