@@ -60,6 +60,9 @@ Differences from the BLT paper's code (facebookresearch/blt ``bytelatent/data/pa
 10. It returns right-padded [batch, max_patches] tensors (zeros after the last patch), and cuts
     at ``max_patch_length`` in a Python loop; we return ragged int32 arrays (Arrow
     list<int32>), cut vectorised. The cut rule itself is the same.
+
+Length: the rules, their batched and Arrow forms and the incremental `PatchStream` must make
+the same cuts; one module keeps them under one set of tests (DESIGN.md §4).
 """
 
 from __future__ import annotations

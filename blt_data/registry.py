@@ -24,6 +24,10 @@ can read, and a large one costs O(1) to resolve and show; its part list is read 
 needs it (`Manifest.part_table`, columnar; `Manifest.parts`, pydantic objects, for callers that
 want them), and is checked against the manifest's size and sha256 when read. A manifest of a
 newer format than this code knows is refused with a message that says so.
+
+Length: the manifest, its two formats and the columnar part list are one concept (what a
+version holds); the commit and gc must agree with them, so they stay side by side.
+TODO(part-list-module): `PartTable` and the part-list file could move to their own module.
 """
 
 from __future__ import annotations

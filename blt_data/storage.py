@@ -105,6 +105,9 @@ def resolve_store_url(store: str | None) -> str:
 
 def s3_options(max_attempts: int = 4, connect_timeout: int = 10) -> dict[str, Any]:
     opts: dict[str, Any] = {
+        # No cached listings: other processes (and this one, through other calls) write the same
+        # folders, and a stale listing makes s3fs report an object written since as missing.
+        "use_listings_cache": False,
         # Adaptive mode backs off on throttling and retries 5xx with jitter (botocore's own).
         "config_kwargs": {
             # AWS_MAX_ATTEMPTS, AWS's own variable, wins as it does for any AWS client.

@@ -18,7 +18,7 @@ from blt_data.calibrate import (
     sample_rows,
 )
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
-from blt_data.patch_units import UnitSpec, calibration_sample, commit_patches, patch_unit, plan_units
+from blt_data.patch_units import Completion, UnitSpec, calibration_sample, commit_patches, patch_unit, plan_units
 from blt_data.patches import read_part, read_patches
 from blt_data.patching import PatchRule, patch_lengths, patch_lengths_batch
 from blt_data.registry import Manifest, Registry
@@ -285,8 +285,11 @@ def test_uniform_sample_holds_on_the_dataset_where_part_heads_miss(local_store_u
     docs = heads_differ_dataset(reg, num_parts=50, per_part=50, body_bytes=(200, 600))  # 2,550 documents, 1.1 MB
     spec = UnitSpec(input_dir=reg.dataset_dir("docs"), output_dir=reg.dataset_dir("scored"), name="scored", job_id="s",
                     patch=PatchRule(threshold=1.0), keep_entropies=True)
-    records = [patch_unit(reg.store, u, spec, synthetic_score) for u in plan_units(reg, docs, unit_bytes=8000)]
-    scored = commit_patches(reg, spec, records, spec.patch, None, ["docs@v1"], {"input": "docs@v1"})
+    units = plan_units(reg, docs, unit_bytes=8000)
+    done = Completion(reg.store, spec.job_dir, len(units))
+    for u in units:
+        done.add(patch_unit(reg.store, u, spec, synthetic_score))
+    scored = commit_patches(reg, spec, done, spec.patch, None, ["docs@v1"], {"input": "docs@v1"})
     table = read_patches(reg, scored)
     lengths = np.array([len(t.encode()) for t in table.column("text").to_pylist()])
     entropies = np.concatenate(table.column("entropies").to_numpy(zero_copy_only=False))

@@ -72,6 +72,24 @@ def test_part_gone_between_listing_and_reading(s3_docs):
         list(iter_documents(reg, m))
 
 
+def test_an_object_written_after_its_folder_was_listed_is_found(s3_bucket, s3_server):
+    """s3fs caches listings by default, and a listing of a folder made before another process
+    wrote an object there reported that object missing (the patch driver listed a job folder,
+    its actors wrote the parts, the trainer in the driver's process could not open them). Our
+    store keeps no listing: what another writer published is seen."""
+    import boto3
+
+    store = Store.open(f"{s3_bucket}/reg")
+    store.write_bytes("job/a.json", b"1")
+    assert store.list("job") == ["job/a.json"] and not store.exists("job/b.json")
+    # Another process (a Ray actor, another machine): not through this filesystem instance.
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket.removeprefix("s3://"), Key="reg/job/b.json", Body=b"2")
+    assert store.exists("job/b.json") and store.size("job/b.json") == 1
+    with store.open_input("job/b.json") as f:
+        assert f.read() == b"2"
+    assert store.list("job") == ["job/a.json", "job/b.json"]
+
+
 def same_size_other_bytes(data: bytes) -> bytes:
     """The part with one document's text changed and recompressed to exactly the same size."""
     import zstandard
