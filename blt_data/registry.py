@@ -527,6 +527,19 @@ class Registry:
         """A part's path from the store root (``part``: its `PartInfo` or its path in the manifest)."""
         return f"{self.dataset_dir(manifest.name, area_of(manifest.kind))}/{part if isinstance(part, str) else part.path}"
 
+    def read_part(self, manifest: Manifest, part: PartInfo) -> bytes:
+        """A small part whole (a model's files), checked against the sha256 its manifest records."""
+        rel = self.part_path(manifest, part)
+        try:
+            data = self.store.read_bytes(rel)
+        except FileNotFoundError:
+            raise RegistryError(f"{manifest.ref}: file {self.store.uri(rel)} is missing") from None
+        if hashlib.sha256(data).hexdigest() != part.sha256:
+            raise RegistryError(
+                f"{manifest.ref}: {self.store.uri(rel)} does not match the sha256 in its manifest (corrupt or replaced)"
+            )
+        return data
+
 
 def _too_new(ref: str, found: int, where: str) -> str:
     return (f"{ref}: manifest format version {found} is newer than this blt-data ({__version__}) reads "

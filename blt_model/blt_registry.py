@@ -124,14 +124,7 @@ def _read_part(registry: Registry, manifest: Manifest, rel_in_model: str) -> byt
     part = next((p for p in manifest.parts if p.path == rel_in_model), None)
     if part is None:
         raise RegistryError(f"{manifest.ref} lists no part {rel_in_model}")
-    rel = registry.part_path(manifest, part)
-    try:
-        data = registry.store.read_bytes(rel)
-    except FileNotFoundError:
-        raise RegistryError(f"{manifest.ref}: file {registry.store.uri(rel)} is missing") from None
-    if hashlib.sha256(data).hexdigest() != part.sha256:
-        raise RegistryError(f"{manifest.ref}: {registry.store.uri(rel)} does not match the sha256 in its manifest")
-    return data
+    return registry.read_part(manifest, part)
 
 
 def checkpoint_config(manifest: Manifest) -> BLTConfig:

@@ -95,17 +95,7 @@ def load_registered_entropy_model(
     manifest = registry.resolve(ref, area="models", kind="entropy-model")
     files: dict[str, bytes] = {}
     for part in manifest.parts:
-        rel = registry.part_path(manifest, part)
-        try:
-            data = registry.store.read_bytes(rel)
-        except FileNotFoundError:
-            raise RegistryError(f"{manifest.ref}: file {registry.store.uri(rel)} is missing") from None
-        if hashlib.sha256(data).hexdigest() != part.sha256:
-            raise RegistryError(
-                f"{manifest.ref}: {registry.store.uri(rel)} does not match the sha256 in its "
-                "manifest (corrupt or replaced)"
-            )
-        files[posixpath.basename(part.path)] = data
+        files[posixpath.basename(part.path)] = registry.read_part(manifest, part)
     if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
         raise RegistryError(f"{manifest.ref} lists no {CONFIG_FILE} and {WEIGHTS_FILE}")
     source = f"{manifest.ref} ({WEIGHTS_FILE})"
