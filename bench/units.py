@@ -24,12 +24,10 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -50,19 +48,6 @@ BLOCKS = 37  # batches of the first level in the run of 10,000 units in progress
 LOOSE = 63  # records of the block in progress, left loose
 
 
-def write_corpus(path: Path, total_bytes: int, seed: int = 0) -> None:
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
-    texts = [t for f in files if (t := f.read_text(encoding="utf-8", errors="replace")[:200_000])]
-    random.Random(seed).shuffle(texts)
-    written = i = 0
-    with open(path, "w") as f:
-        while written < total_bytes:
-            text = texts[i % len(texts)]
-            f.write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
-            written += len(text.encode())
-            i += 1
-
-
 def slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least squares y = a + b x: (a, b)."""
     b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
@@ -71,12 +56,13 @@ def slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def overhead(args) -> dict:
     import ray
+    from patch import write_corpus  # bench/patch.py: this script's folder is on sys.path
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-units-"))
     try:
         reg = Registry(Store.open(str(tmp / "store")))
         corpus = tmp / "corpus.jsonl"
-        write_corpus(corpus, int(args.mb * 10**6))
+        write_corpus(corpus, int(args.mb * 10**6), max_doc_bytes=200_000)
         docs = download(reg, DownloadConfig(source=str(corpus), name="std", part_bytes=4 * 10**6))
         json_bytes = corpus.stat().st_size
         print(f"corpus: {docs.stats.bytes / 1e6:.1f} MB of text, {len(docs.parts)} parts, {docs.stats.documents} documents")
