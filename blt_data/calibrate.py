@@ -183,7 +183,7 @@ _DRAW_BATCH = 4096  # fixed: the stream, and so every sample, must not depend on
 
 
 def calibrated(
-    store: Store, job_dir: str, rule: PatchRule, sample: Callable[[], CalibrationSample]
+    store: Store, job_dir: str, rule: PatchRule, sample: Callable[[int | None], CalibrationSample]
 ) -> tuple[PatchRule, Calibration | None]:
     """The rule as a job applies it, and its calibration (None when the rule has a threshold).
 

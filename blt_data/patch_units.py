@@ -303,10 +303,6 @@ def patch_unit(store: Store, unit: Unit, spec: UnitSpec, score: ScoreFn | None, 
     return record
 
 
-def load_records(store: Store, spec: UnitSpec) -> dict[int, UnitRecord]:
-    return read_records(store, spec.job_dir, UnitRecord)
-
-
 def read_records(store: Store, job_dir: str, model: type[R]) -> dict[int, R]:
     """Loose completion records (any model with a `unit` field) found in a job folder's `_done/`,
     by unit: one listing, then one read each. Compacted batches are `Completion`'s to read."""

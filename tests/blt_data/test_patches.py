@@ -15,7 +15,7 @@ import pytest
 from blt_data.documents import DocumentWriter, encode_line, iter_documents
 from blt_data import patch_units
 from blt_data.patch_units import (
-    MIN_UNIT_BYTES, Completion, PartReader, UnitRecord, UnitSpec, commit_patches, load_plan, load_records, patch_unit,
+    MIN_UNIT_BYTES, Completion, PartReader, UnitRecord, UnitSpec, commit_patches, load_plan, patch_unit,
     plan_units, read_records, read_unit, save_plan, unit_size,
 )
 from blt_data.patches import (
@@ -138,7 +138,7 @@ def test_patch_unit_writes_part_then_record_and_verify_checks_content(local_stor
     spec = UnitSpec(input_dir=reg.dataset_dir("docs"), output_dir=reg.dataset_dir("out"), name="out", job_id="jj",
                     patch=PatchRule(scheme="entropy", threshold=1.2), keep_entropies=True)
     records = [patch_unit(reg.store, u, spec, fake_score) for u in units]
-    assert load_records(reg.store, spec) == {r.unit: r for r in records}
+    assert read_records(reg.store, spec.job_dir, UnitRecord) == {r.unit: r for r in records}
     table = read_part(reg.store, f"{spec.job_dir}/part-000000.parquet")
     for text, pl, ent in zip(*(table.column(c).to_pylist() for c in ("text", "patch_lengths", "entropies"))):
         expected_e = next(fake_score([text])).astype(np.float16)
