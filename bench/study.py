@@ -16,7 +16,7 @@ resumes from its last checkpoint (every `checkpoint_every` steps of the `study` 
   3. three patches datasets of the same documents (the chosen train chunks, >= 10 MB, and val):
      `entropy` (global threshold calibrated to a mean of `target_patch_size` = 4 bytes),
      `static` (`static_patch_size` = 4), `space`;
-  4. the `small` BLT (train preset `study`) trained on each arm with every seed: the same steps x
+  4. the `study` BLT (train preset `study`) trained on each arm with every seed: the same steps x
      batch x seq_len tokens for every arm, one epoch of the train split (every arm has the same
      documents, so the same tokens); a seed sets the model initialisation and the reader's block
      order (`seed`, `data.seed`);
