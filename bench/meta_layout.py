@@ -9,9 +9,12 @@ Target: >= 100 MB/s for export and import (issue 12): bound by the store, not by
 
 The first three rows are floors, not steps: the parts' bytes read from the store, pyarrow
 decoding every column of them, and encoding them again as parts (``write_part``: the last step of
-import and repatch). Float16 entropies are 2/3 of a part's bytes and most of the decoding and
-encoding (Parquet stores float16 as FIXED_LEN_BYTE_ARRAY(2), a per-value path in Arrow). Run it with another checkout on PYTHONPATH for a before/after
-on the same machine state (the script only uses names both have).
+import and repatch). Float16 entropies are 2/3 of a part's bytes and most of its encoding: the
+last table writes that column alone in other layouts to show why. Any list column costs Arrow's
+Parquet writer a per-value path (repetition and definition levels, ~100 M values per CPU-second
+here), float16 or float32, compressed or not; only a non-list column (a blob of float16 bytes per document) escapes it, and DuckDB,
+Polars and `datasets` would read that as opaque bytes, not numbers. Run it with another checkout
+on PYTHONPATH for a before/after on the same machine state (the script only uses names both have).
 
 Documents: lognormal lengths (mean ~5 KB) of ASCII text, float16 entropies from a gamma
 distribution, threshold calibrated to 4.5 bytes per patch. Prints a table (wall time, and CPU
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 
 from blt_data.calibrate import calibrate_threshold
 from blt_data.meta_layout import MetaExportConfig, MetaImportConfig, export_meta, import_preprocessed
@@ -97,6 +101,25 @@ def timed(repeat: int, setup, fn) -> tuple[float, float]:
     return best
 
 
+def entropy_layouts(entropies: pa.ListArray, repeat: int) -> dict[str, dict]:
+    """CPU seconds of Parquet encoding the entropies column alone, per layout (one thread)."""
+    flat = entropies.flatten().to_numpy(zero_copy_only=False)
+    offsets = entropies.offsets.to_numpy()
+    layouts = {
+        "list<float16>, zstd (ours)": (entropies, "zstd"),
+        "list<float16>, uncompressed": (entropies, "none"),
+        "list<float32>, uncompressed": (pa.ListArray.from_arrays(entropies.offsets, pa.array(flat.astype(np.float32))), "none"),
+        "binary float16 blob, zstd": (pa.array([flat[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])], pa.large_binary()), "zstd"),
+    }
+    out = {}
+    for name, (column, codec) in layouts.items():
+        table = pa.table({"entropies": column})
+        _, cpu = timed(repeat, lambda: None, lambda: pq.write_table(table, pa.BufferOutputStream(), compression=codec,
+                                                                     use_dictionary=False, write_statistics=False))
+        out[name] = {"cpu_seconds": cpu, "m_values_per_cpu_s": flat.size / cpu / 1e6}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=200.0, help="MB of document text")
@@ -129,6 +152,7 @@ def main() -> None:
         t = timed(args.repeat, lambda: None, lambda: [write_part(reg.store, f"floor/{i}.parquet", "x", table, dataset="x", job_id="x")
                                                      for i, table in enumerate(tables)])
         rows.append(("encode parts (pyarrow)", t))
+        layouts = entropy_layouts(tables[0].column("entropies").combine_chunks(), args.repeat)
         del tables
         t = timed(args.repeat, clear_export, lambda: export_meta(reg, MetaExportConfig(patches="src", out=str(export_dir))))
         rows.append(("export --format meta", t))
@@ -147,6 +171,9 @@ def main() -> None:
     print(f"{'step':<24} {'wall s':>8} {'MB/s':>8} {'CPU s':>8} {'MB/CPU-s':>9}")
     for name, (wall, cpu) in rows:
         print(f"{name:<24} {wall:>8.2f} {text_mb / wall:>8.1f} {cpu:>8.2f} {text_mb / cpu:>9.1f}")
+    print(f"{'entropies alone, encoded as':<30} {'M values/CPU-s':>15}")
+    for name, row in layouts.items():
+        print(f"{name:<30} {row['m_values_per_cpu_s']:>15.1f}")
     print(f"load average {os.getloadavg()[0]:.1f} (wall times measure the neighbours too when it is above the CPUs)")
     result = {
         "text_mb": text_mb, "documents": m.stats.documents, "parts": len(m.parts), "shard_mb": shard_bytes / 1e6,
@@ -154,6 +181,7 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "steps": {name: {"seconds": w, "mb_per_s": text_mb / w, "cpu_seconds": c, "mb_per_cpu_s": text_mb / c}
                   for name, (w, c) in rows},
+        "entropy_layouts_first_part": layouts,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -62,6 +62,7 @@ from blt_data.shuffle import chunk_parts, shuffle_documents
 from blt_data.storage import Store
 from blt_data.tokens import IGNORE_INDEX
 from blt_model.blt import BLT, byte_loss
+from blt_model.checkpoint import checkpoint_steps
 from blt_model.distributed import Distributed
 from blt_model.entropy_model import EntropyModel
 from blt_model.entropy_registry import load_default_entropy_model, load_registered_entropy_model
@@ -232,9 +233,9 @@ def estimate(reg: Registry, cfg: StudyConfig, shuffled: Manifest, ecfg: TrainEnt
     ent_tokens_per_step = ecfg.batch_rows * ecfg.row_len
     blt_tokens_per_step = tcfg.data.batch_size * tcfg.data.seq_len
     rows = {}
-    model = reg.find_job(*_entropy_job(reg, cfg, shuffled, ecfg), area="models")
+    model = reg.find_job(*(entropy_job := _entropy_job(reg, cfg, shuffled, ecfg)), area="models")
     if model is None and "entropy" in cfg.arms:
-        rows["train entropy model"] = ecfg.steps * ent_step
+        rows["train entropy model"] = (ecfg.steps - _steps_done(reg, *entropy_job)) * ent_step
     patched = {}  # arm -> its committed patches dataset
     for arm in cfg.arms:
         if arm != "entropy" or model is not None:
@@ -244,19 +245,20 @@ def estimate(reg: Registry, cfg: StudyConfig, shuffled: Manifest, ecfg: TrainEnt
     if "entropy" in cfg.arms and "entropy" not in patched:
         context = 1 + ecfg.model.n_layers * (ecfg.model.window - 1) / ecfg.model.max_seqlen
         rows["score entropy arm (forward ~ step/3)"] = (train_tokens + val_tokens) * context * ent_step / 3 / ent_tokens_per_step
-    left = 0
+    left = steps_left = 0
     for arm in cfg.arms:
         for seed in cfg.seeds:
             if arm in patched:
                 data = patched[arm]
                 arm_steps = cfg.steps or split_tokens(reg, data, "train")[1] // blt_tokens_per_step
-                done = reg.find_job(*_run_job(reg, train_config(cfg, data, arm, seed, arm_steps, runs_dir, False)), area="models")
-                left += done is None
+                job = _run_job(reg, train_config(cfg, data, arm, seed, arm_steps, runs_dir, False))
+                if reg.find_job(*job, area="models") is None:
+                    left, steps_left = left + 1, steps_left + arm_steps - _steps_done(reg, *job)
             else:
-                left += 1
+                left, steps_left = left + 1, steps_left + steps
     if left:
-        run = steps * blt_step + val_tokens / blt_tokens_per_step * blt_step / 3
-        rows[f"train + validate {left} of {len(cfg.arms) * len(cfg.seeds)} BLT runs (~{steps} steps each)"] = run * left
+        run = steps_left * blt_step + left * val_tokens / blt_tokens_per_step * blt_step / 3
+        rows[f"train + validate {left} of {len(cfg.arms) * len(cfg.seeds)} BLT runs (~{steps} steps each)"] = run
     return {"blt_step_s": blt_step, "entropy_step_s": ent_step, "load_average": os.getloadavg()[0],
             "seconds": rows, "total_s": sum(rows.values())}
 
@@ -264,6 +266,12 @@ def estimate(reg: Registry, cfg: StudyConfig, shuffled: Manifest, ecfg: TrainEnt
 def _entropy_job(reg: Registry, cfg: StudyConfig, shuffled: Manifest, ecfg: TrainEntropyConfig) -> tuple[str, str]:
     name = f"{cfg.prefix}-entropy-model"
     return name, plan_entropy_job(reg, shuffled.ref, name, ecfg)[1]
+
+
+def _steps_done(reg: Registry, name: str, job_id: str) -> int:
+    """Steps of the job's latest checkpoint: where a rerun resumes (0 when it has none)."""
+    steps = checkpoint_steps(reg.store, reg.job_dir(name, job_id, area="models"))
+    return steps[-1] if steps else 0
 
 
 def _run_job(reg: Registry, tcfg: TrainConfig) -> tuple[str, str]:
