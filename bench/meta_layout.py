@@ -153,7 +153,7 @@ def main() -> None:
                                                      for i, table in enumerate(tables)])
         rows.append(("encode parts (pyarrow)", t))
         layouts = entropy_layouts(tables[0].column("entropies").combine_chunks(), args.repeat)
-        del tables
+        tables = []  # free the decoded parts before the steps
         t = timed(args.repeat, clear_export, lambda: export_meta(reg, MetaExportConfig(patches="src", out=str(export_dir))))
         rows.append(("export --format meta", t))
         shard_bytes = sum(p.stat().st_size for p in export_dir.rglob("*.arrow"))
