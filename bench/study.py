@@ -17,9 +17,10 @@ resumes from its last checkpoint (every `checkpoint_every` steps of the `study` 
      `entropy` (global threshold calibrated to a mean of `target_patch_size` = 4 bytes),
      `static` (`static_patch_size` = 4), `space`;
   4. the `study` BLT (train preset `study`) trained on each arm with every seed: the same steps x
-     batch x seq_len tokens for every arm, one epoch of the train split (every arm has the same
-     documents, so the same tokens); a seed sets the model initialisation and the reader's block
-     order (`seed`, `data.seed`);
+     batch x seq_len tokens for every arm, `steps` = 2,442 (10 M tokens, the first 84% of an epoch
+     of the train split; `steps=None` trains one whole epoch); every arm holds the same documents,
+     and the table reports the bytes each arm trained on; a seed sets the model initialisation and
+     the reader's block order (`seed`, `data.seed`);
   5. val bits per byte of each run on the whole val split; per arm the mean, the sample standard
      deviation and the range over seeds, the paired difference to `static` (same seed), the
      measured mean patch size and FLOPs per byte (`BLT.flops_per_byte`). Entropy and static
@@ -94,7 +95,8 @@ class StudyConfig(BaseModel):
     seeds: list[int] = Field([0, 1, 2])
     train_preset: str = Field("study", description="blt-train preset (blt_model/presets/train)")
     train_overrides: list[str] = Field(default_factory=list)
-    steps: int | None = Field(None, ge=1, description="BLT steps per run; None: one epoch of the train split")
+    steps: int | None = Field(2442, ge=1, description="BLT steps per run (2,442 x 4 x 1,024 tokens: the 10 M bytes "
+                              "of min_train_bytes, 84% of an epoch of the default chunks); None: one epoch of the train split")
     min_train_bytes: int = Field(10**7, ge=0, description="refuse a study that trains on fewer bytes")
     workers: int = Field(2, ge=1, description="patch-job scoring actors")
 
@@ -370,7 +372,7 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
 
             ray.shutdown()
 
-    # Equal bytes: one epoch of the train split, the same token count for every arm.
+    # Equal bytes: the same token count for every arm (`steps`, or one epoch of the train split).
     tokens = {arm: split_tokens(reg, m, "train") for arm, m in datasets.items()}
     if len(set(tokens.values())) != 1:
         raise SystemExit(f"the arms do not hold the same documents: (documents, tokens) {tokens}")
