@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=200.0, help="MB of document text")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunks", type=int, default=4, help="chunks (so shards) of the export, which import reads")
     parser.add_argument("--tmp", default=None, help="folder on the disk to measure [default: the system temp folder]")
     parser.add_argument("--out", default="bench/results/meta_layout.json")
     args = parser.parse_args()
@@ -154,12 +155,14 @@ def main() -> None:
         rows.append(("encode parts (pyarrow)", t))
         layouts = entropy_layouts(tables[0].column("entropies").combine_chunks(), args.repeat)
         tables = []  # free the decoded parts before the steps
-        t = timed(args.repeat, clear_export, lambda: export_meta(reg, MetaExportConfig(patches="src", out=str(export_dir))))
+        t = timed(args.repeat, clear_export, lambda: export_meta(reg, MetaExportConfig(patches="src", out=str(export_dir),
+                                                                                      chunks=args.chunks)))
         rows.append(("export --format meta", t))
         shard_bytes = sum(p.stat().st_size for p in export_dir.rglob("*.arrow"))
-        t = timed(args.repeat, lambda: None, lambda: import_preprocessed(
-            reg, MetaImportConfig(source=str(export_dir), name=f"imp{next(counter)}", rule=PatchRule(threshold=threshold))))
-        rows.append(("import-preprocessed", t))
+        for workers in (1, 2):  # shards converted at once
+            t = timed(args.repeat, lambda: None, lambda: import_preprocessed(reg, MetaImportConfig(
+                source=str(export_dir), name=f"imp{next(counter)}", rule=PatchRule(threshold=threshold), workers=workers)))
+            rows.append((f"import-preprocessed, {workers} worker{'s' if workers > 1 else ''}", t))
         t = timed(args.repeat, lambda: None, lambda: repatch(
             reg, RepatchConfig(patches="src", name=f"rep{next(counter)}", rule=PatchRule(threshold=threshold + 0.01))))
         rows.append(("repatch (reference)", t))
@@ -167,10 +170,10 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     print(f"{text_mb:.0f} MB of text in {m.stats.documents:,} documents, {len(m.parts)} parts; "
-          f"shards {shard_bytes / 1e6:.0f} MB; best of {args.repeat}; {os.cpu_count()} CPUs")
-    print(f"{'step':<24} {'wall s':>8} {'MB/s':>8} {'CPU s':>8} {'MB/CPU-s':>9}")
+          f"{args.chunks} shards, {shard_bytes / 1e6:.0f} MB; best of {args.repeat}; {os.cpu_count()} CPUs")
+    print(f"{'step':<30} {'wall s':>8} {'MB/s':>8} {'CPU s':>8} {'MB/CPU-s':>9}")
     for name, (wall, cpu) in rows:
-        print(f"{name:<24} {wall:>8.2f} {text_mb / wall:>8.1f} {cpu:>8.2f} {text_mb / cpu:>9.1f}")
+        print(f"{name:<30} {wall:>8.2f} {text_mb / wall:>8.1f} {cpu:>8.2f} {text_mb / cpu:>9.1f}")
     print(f"{'entropies alone, encoded as':<30} {'M values/CPU-s':>15}")
     for name, row in layouts.items():
         print(f"{name:<30} {row['m_values_per_cpu_s']:>15.1f}")

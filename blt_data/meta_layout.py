@@ -40,6 +40,7 @@ import json
 import logging
 import posixpath
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Iterator, NamedTuple
 
@@ -62,6 +63,7 @@ from blt_data.patching import (
     ENTROPY_SCHEMES, PatchedBatch, PatchRule, above, nan_mask, patch_lengths_arrow, patches_from_starts, round_down,
 )
 from blt_data.prefetch import in_background
+from blt_data.jobs import EXECUTION
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError, check_name, job_hash
 from blt_data.stats import DatasetStats
 from blt_data.storage import Store
@@ -448,6 +450,8 @@ class MetaImportConfig(BaseModel):
     model: str | None = Field(None, description="the entropy model: a registry model (NAME[@vN]) or Meta's name for it")
     skip_incomplete: bool = Field(False, description="import the shards that have a .complete marker, skip the rest")
     part_bytes: int = Field(256 * 10**6, ge=1, description="text bytes per Parquet part")
+    workers: int = Field(2, ge=1, description="shards converted at once (threads; each holds one part in memory)",
+                         json_schema_extra=EXECUTION)
 
     @model_validator(mode="after")
     def _one_rule(self) -> "MetaImportConfig":
@@ -638,13 +642,22 @@ class ShardRecord(BaseModel):
     duplicate_id_examples: list[str] = Field(default_factory=list)
 
 
+class _Converted(NamedTuple):
+    record: ShardRecord
+    ids: set[int]  # hashes of the ids its documents got (a repeat renamed)
+    asked: set[int]  # hashes of the ids its rows came with
+
+
 def _import_shard(
     registry: Registry, src: Store, unit: int, path: str, job_id: str, cfg: MetaImportConfig, patch: PatchRule, seen: set[int],
-) -> ShardRecord:
+) -> _Converted:
     """Shard ``unit`` into parts ``part-<unit>-<j>.parquet`` (of about ``part_bytes`` of text)
-    and a quarantine part, then its completion record: ``_jobs/<job-id>/_done/unit-<unit>.json``."""
+    and a quarantine part; the caller writes its completion record. ``seen`` holds the ids of
+    the shards before it; it is only read here (other shards may be converting meanwhile)."""
     job_dir = registry.job_dir(cfg.name, job_id)
     record = ShardRecord(unit=unit, shard=src.uri(path), parts=[], stats=DatasetStats())
+    mine: set[int] = set()
+    asked: set[int] = set()
     part: PatchesPartWriter | None = None  # encodes on a worker thread while the next batches convert
     pending_bytes = 0
     quarantine: PartWriter | None = None
@@ -669,17 +682,18 @@ def _import_shard(
             record.quarantined += 1
         ids = rows.ids
         hashes = [hash(sid) for sid in ids.to_pylist()]
-        if len(set(hashes)) < len(hashes) or not seen.isdisjoint(hashes):
+        asked.update(hashes)
+        if len(set(hashes)) < len(hashes) or not seen.isdisjoint(hashes) or not mine.isdisjoint(hashes):
             ids = ids.to_pylist()
             for j, sid in enumerate(ids):  # ids are unique in a dataset: a repeat gets a positional id
-                if hash(sid) in seen:
+                if hash(sid) in seen or hash(sid) in mine:
                     ids[j] = f"{sid}#{posixpath.basename(path)}:{row + int(rows.rows[j]) + 1}"
                     record.duplicate_ids += 1
                     if len(record.duplicate_id_examples) < 20:
                         record.duplicate_id_examples.append(sid)
-                seen.add(hash(ids[j]))
+                mine.add(hash(ids[j]))
         else:
-            seen.update(hashes)
+            mine.update(hashes)
         row += batch.num_rows
         patch_lengths = patch_lengths_arrow(rows.text, rows.entropies, patch)
         table = build_table(ids, rows.text, patch_lengths, rows.entropies, rows.eos_entropy)
@@ -695,8 +709,49 @@ def _import_shard(
     flush()
     if quarantine is not None:
         record.quarantine = quarantine.close()
-    registry.store.write_bytes(f"{job_dir}/_done/unit-{unit:06d}.json", record.model_dump_json().encode())
-    return record
+    return _Converted(record, mine, asked)
+
+
+def _import_shards(
+    registry: Registry, src: Store, shards: list[tuple[str, int]], job_id: str, cfg: MetaImportConfig, patch: PatchRule,
+    records: dict[int, ShardRecord], seen: set[int], bar: tqdm,
+) -> None:
+    """Convert the shards not in ``records``, ``cfg.workers`` at a time (Arrow IPC reading and
+    Parquet encoding release the GIL), committing each in shard order: its completion record,
+    its ids added to ``seen``. The result is the one-at-a-time result: a shard converted while
+    earlier ones were still running saw only part of their ids, so when it shares an id with
+    them (a repeat that then needs a positional id) it is converted again, after them."""
+    pending = [u for u in range(len(shards)) if u not in records]
+    job_dir = registry.job_dir(cfg.name, job_id)
+    committed: list[set[int]] = []  # ids of each shard committed by this call, in order
+    workers = max(1, min(cfg.workers, len(pending)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="import") as pool:
+        queue = iter(pending)
+        running: dict[int, tuple[Future, int]] = {}  # unit -> (its conversion, len(committed) when it started)
+
+        def start() -> None:
+            unit = next(queue, None)
+            if unit is not None:
+                running[unit] = (pool.submit(_import_shard, registry, src, unit, shards[unit][0], job_id, cfg, patch, seen),
+                                 len(committed))
+
+        for _ in range(workers):
+            start()
+        for unit in pending:
+            future, mark = running.pop(unit)
+            done = future.result()
+            if any(not ids.isdisjoint(done.asked) or not ids.isdisjoint(done.ids) for ids in committed[mark:]):
+                ds = registry.dataset_dir(cfg.name)
+                registry.store.delete_many([f"{ds}/{p.path}" for p in done.record.parts + [done.record.quarantine] if p])
+                done = _import_shard(registry, src, unit, shards[unit][0], job_id, cfg, patch, seen)
+            seen.update(done.ids)
+            committed.append(done.ids)
+            first = min((m for _, m in running.values()), default=len(committed))
+            committed[:first] = [set()] * first  # only shards still running can need them
+            registry.store.write_bytes(f"{job_dir}/_done/unit-{unit:06d}.json", done.record.model_dump_json().encode())
+            records[unit] = done.record
+            bar.update(shards[unit][1])
+            start()
 
 
 def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: bool = False) -> Manifest:
@@ -726,7 +781,7 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
             model_name = cfg.model  # a name from Meta's side (its entropy_model_name), not in this registry
     names = _source_names(shards)
     job_id = job_hash({"step": "import-preprocessed", "source": src.url, "shards": shards, "model": model_info or model_name,
-                       **cfg.model_dump(exclude={"source", "name", "model", "part_bytes"})})
+                       **cfg.model_dump(exclude={"source", "name", "model", "part_bytes", "workers"})})
     existing = registry.find_job(cfg.name, job_id)
     if existing is not None:
         return existing
@@ -740,10 +795,8 @@ def import_preprocessed(registry: Registry, cfg: MetaImportConfig, progress: boo
             ids = read_part(registry.store, f"{registry.dataset_dir(cfg.name)}/{part.path}", ["id"]).column("id")
             seen.update(hash(i) for i in ids.to_pylist())
     with tqdm(total=sum(s for _, s in shards), unit="B", unit_scale=True, desc=f"import {cfg.name}", disable=not progress) as bar:
-        for unit, (path, size) in enumerate(shards):
-            if unit not in records:
-                records[unit] = _import_shard(registry, src, unit, path, job_id, cfg, patch, seen)
-            bar.update(size)
+        bar.update(sum(size for unit, (_, size) in enumerate(shards) if unit in records))
+        _import_shards(registry, src, shards, job_id, cfg, patch, records, seen, bar)
     ordered = [records[u] for u in range(len(shards))]
     stats = sum((r.stats for r in ordered), DatasetStats())  # in shard order: float sums are reproducible
     dataset_stats = stats.model_copy(update={

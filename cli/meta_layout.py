@@ -65,6 +65,7 @@ def import_preprocessed(
     max_patch_length: Annotated[Optional[int], typer.Option(help="Cut longer patches into pieces of this many bytes.", min=1)] = None,
     model: Annotated[Optional[str], typer.Option(help="The entropy model that scored the shards: a registry model (lineage) or Meta's name for it.")] = None,
     skip_incomplete: Annotated[Optional[bool], typer.Option("--skip-incomplete", help="Import the shards that have a .complete marker and skip the others.", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Shards converted at once (threads); the dataset is the same for any number. [default: 2]", min=1, show_default=False)] = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
@@ -75,7 +76,8 @@ def import_preprocessed(
     from blt_data.meta_layout import MetaImportConfig, import_preprocessed as run_import
 
     flags = {"source": source, "name": name, "rule.threshold": threshold, "rule.target_patch_size": target_patch_size,
-             "rule.scheme": scheme, "rule.max_patch_length": max_patch_length, "model": model, "skip_incomplete": skip_incomplete}
+             "rule.scheme": scheme, "rule.max_patch_length": max_patch_length, "model": model, "skip_incomplete": skip_incomplete,
+             "workers": workers}
     try:
         cfg = job_config(MetaImportConfig, config, flags, overrides)
         reg = open_registry(store, create=True)

@@ -379,6 +379,29 @@ def test_import_reports_missing_markers_damage_and_bad_rows(local_store_url, tmp
 META_SOURCE = Path(os.environ.get("BLT_META_SOURCE", "/work/ref/blt"))
 
 
+def test_import_with_workers_is_the_one_at_a_time_import(tmp_path):
+    """Shards convert concurrently, yet ids are decided in shard order: a shard that repeats an
+    id of one converting beside it is converted again after it, so any number of workers writes
+    the same bytes. Shards 0-2 start together (3 workers), so shards 1 and 2 take that path."""
+    folder = tmp_path / "pre" / "ds" / "m"
+    spans = [range(0, 10), range(5, 15), range(14, 20), range(30, 36)]  # 5-9 and 14 repeat across shards
+    for k, ids in enumerate(spans):
+        rows = [meta_row(i, f"doc {i} of shard {k}") for i in ids] + ([meta_row(31, "again in shard 3")] if k == 3 else [])
+        write_shard(folder / f"ds.chunk.00.jsonl.shard_{k:02d}.arrow", rows)
+    made = {}
+    for workers in (1, 3):
+        reg = Registry(Store.open(str(tmp_path / f"store-{workers}")))
+        made[workers] = import_preprocessed(reg, MetaImportConfig(
+            source=str(tmp_path / "pre"), name="imp", rule=PatchRule(threshold=1.0), workers=workers))
+        ids = [r["id"] for r in our_rows(reg, "imp")]
+        assert len(ids) == len(set(ids)) == 10 + 10 + 6 + 7
+        assert "5#ds.chunk.00.jsonl.shard_01.arrow:1" in ids and "31#ds.chunk.00.jsonl.shard_03.arrow:7" in ids
+    one, many = made[1], made[3]
+    assert one.job_id == many.job_id  # workers is an execution field
+    assert [(p.path, p.sha256) for p in one.parts] == [(p.path, p.sha256) for p in many.parts]
+    assert one.stats == many.stats and one.stats.duplicate_ids == 5 + 1 + 1
+
+
 @pytest.fixture
 def bytelatent(monkeypatch):
     """Meta's bytelatent package from its source. Three imports it makes are stood in for, none of
