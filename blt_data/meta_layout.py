@@ -55,6 +55,7 @@ from tqdm import tqdm
 from blt_data.calibrate import CalibrationSample, calibrated, head_sample
 from blt_data.documents import PartWriter, encode_line, quarantine_record
 from blt_data.documents import part_name as documents_part_name
+from blt_data.jobs import EXECUTION
 from blt_data.patch_units import read_records
 from blt_data.patches import (
     PatchesPartWriter, arrow_schema_summary, build_table, has_entropies, has_eos_entropy, read_part,
@@ -63,7 +64,6 @@ from blt_data.patching import (
     ENTROPY_SCHEMES, PatchedBatch, PatchRule, above, nan_mask, patch_lengths_arrow, patches_from_starts, round_down,
 )
 from blt_data.prefetch import in_background
-from blt_data.jobs import EXECUTION
 from blt_data.registry import Manifest, PartInfo, Registry, RegistryError, check_name, job_hash
 from blt_data.stats import DatasetStats
 from blt_data.storage import Store
