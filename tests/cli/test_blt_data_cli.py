@@ -133,7 +133,7 @@ def test_options_snapshot():
         "export": sorted(["patches", "out", "format", "overrides", "chunks", "split", "entropy_model_name",
                           "accept_monotonic_difference", "config", "store", "quiet", "as_json"]),
         "import-preprocessed": sorted(["source", "name", "overrides", "threshold", "target_patch_size", "scheme", "max_patch_length",
-                                       "model", "skip_incomplete", "config", "store", "quiet", "as_json"]),
+                                       "model", "skip_incomplete", "workers", "config", "store", "quiet", "as_json"]),
     }
     jobs = {name: sorted(p.name for p in cmd.params) for name, cmd in group.commands["jobs"].commands.items()}
     assert jobs == {
