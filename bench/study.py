@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -55,6 +56,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from blt_data.calibrate import MAX_SAMPLE_GROWTH
 from blt_data.download import DownloadConfig, download
 from blt_data.patching import PatchRule
 from blt_data.reader import Reader
@@ -246,7 +248,13 @@ def estimate(reg: Registry, cfg: StudyConfig, shuffled: Manifest, ecfg: TrainEnt
                 patched[arm] = found
     if "entropy" in cfg.arms and "entropy" not in patched:
         context = 1 + ecfg.model.n_layers * (ecfg.model.window - 1) / ecfg.model.max_seqlen
-        rows["score entropy arm (forward ~ step/3)"] = (train_tokens + val_tokens) * context * ent_step / 3 / ent_tokens_per_step
+        # Calibrating to a target patch size scores a draw of whole documents first; on a dataset
+        # this small the draw grows towards all of it (calibrate.MAX_SAMPLE_GROWTH), then the
+        # job scores every document again: an upper bound of twice the dataset.
+        job_tokens = train_tokens + val_tokens
+        draw = min(job_tokens, MAX_SAMPLE_GROWTH * PatchRule().calibration_bytes)
+        rows["score entropy arm: calibration + job (forward ~ step/3)"] = (
+            (draw + job_tokens) * context * ent_step / 3 / ent_tokens_per_step)
     left = steps_left = 0
     for arm in cfg.arms:
         for seed in cfg.seeds:
@@ -460,6 +468,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"invalid study config: {e}") from None
     out = Path(args.out) if args.out else REPO / "bench" / "results" / ("study-quick.json" if args.quick else "study.json")
     torch.set_num_threads(os.cpu_count() or 1)
+    # The patch job's and trainer's progress lines (calibration draws, units, checkpoints) show
+    # that a step of hours is moving, also with --no-progress.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     reg = Registry(Store.open(args.store))
     results = run_study(reg, cfg, Path(args.runs_dir), not args.no_progress, out, args.estimate)
     if args.estimate:
