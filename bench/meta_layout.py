@@ -12,9 +12,10 @@ decoding every column of them, and encoding them again as parts (``write_part``:
 import and repatch). Float16 entropies are 2/3 of a part's bytes and most of its encoding: the
 last table writes that column alone in other layouts to show why. Any list column costs Arrow's
 Parquet writer a per-value path (repetition and definition levels, ~100 M values per CPU-second
-here), float16 or float32, compressed or not; only a non-list column (a blob of float16 bytes per document) escapes it, and DuckDB,
-Polars and `datasets` would read that as opaque bytes, not numbers. Run it with another checkout
-on PYTHONPATH for a before/after on the same machine state (the script only uses names both have).
+here), float16 or float32, compressed or not; only a non-list column (a blob of float16 bytes
+per document) escapes it, and DuckDB, Polars and `datasets` would read that as opaque bytes, not
+numbers. Run it with another checkout on PYTHONPATH for a before/after on the same machine state
+(the script only uses names both have).
 
 Documents: lognormal lengths (mean ~5 KB) of ASCII text, float16 entropies from a gamma
 distribution, threshold calibrated to 4.5 bytes per patch. Prints a table (wall time, and CPU

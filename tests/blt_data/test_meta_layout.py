@@ -374,11 +374,6 @@ def test_import_reports_missing_markers_damage_and_bad_rows(local_store_url, tmp
         import_preprocessed(reg, MetaImportConfig(source=str(tmp_path / "nothing"), name="imp4", rule=PatchRule(threshold=1.0)))
 
 
-# --- Meta's own loader, where its source is at hand ------------------------------------------
-
-META_SOURCE = Path(os.environ.get("BLT_META_SOURCE", "/work/ref/blt"))
-
-
 def test_import_with_workers_is_the_one_at_a_time_import(tmp_path):
     """Shards convert concurrently, yet ids are decided in shard order: a shard that repeats an
     id of one converting beside it is converted again after it, so any number of workers writes
@@ -400,6 +395,11 @@ def test_import_with_workers_is_the_one_at_a_time_import(tmp_path):
     assert one.job_id == many.job_id  # workers is an execution field
     assert [(p.path, p.sha256) for p in one.parts] == [(p.path, p.sha256) for p in many.parts]
     assert one.stats == many.stats and one.stats.duplicate_ids == 5 + 1 + 1
+
+
+# --- Meta's own loader, where its source is at hand ------------------------------------------
+
+META_SOURCE = Path(os.environ.get("BLT_META_SOURCE", "/work/ref/blt"))
 
 
 @pytest.fixture
