@@ -723,7 +723,8 @@ def _import_shards(
     them (a repeat that then needs a positional id) it is converted again, after them."""
     pending = [u for u in range(len(shards)) if u not in records]
     job_dir = registry.job_dir(cfg.name, job_id)
-    committed: list[set[int]] = []  # ids of each shard committed by this call, in order
+    committed: dict[int, set[int]] = {}  # commit index -> that shard's ids, while a running shard may need them
+    count = 0  # shards committed by this call
     workers = max(1, min(cfg.workers, len(pending)))
     with ThreadPoolExecutor(workers, thread_name_prefix="import") as pool:
         queue = iter(pending)
@@ -733,21 +734,23 @@ def _import_shards(
             unit = next(queue, None)
             if unit is not None:
                 running[unit] = (pool.submit(_import_shard, registry, src, unit, shards[unit][0], job_id, cfg, patch, seen),
-                                 len(committed))
+                                 count)
 
         for _ in range(workers):
             start()
         for unit in pending:
             future, mark = running.pop(unit)
             done = future.result()
-            if any(not ids.isdisjoint(done.asked) or not ids.isdisjoint(done.ids) for ids in committed[mark:]):
+            if any(not ids.isdisjoint(done.asked) or not ids.isdisjoint(done.ids) for i, ids in committed.items() if i >= mark):
                 ds = registry.dataset_dir(cfg.name)
                 registry.store.delete_many([f"{ds}/{p.path}" for p in done.record.parts + [done.record.quarantine] if p])
                 done = _import_shard(registry, src, unit, shards[unit][0], job_id, cfg, patch, seen)
             seen.update(done.ids)
-            committed.append(done.ids)
-            first = min((m for _, m in running.values()), default=len(committed))
-            committed[:first] = [set()] * first  # only shards still running can need them
+            committed[count] = done.ids
+            count += 1
+            first = min((m for _, m in running.values()), default=count)
+            for i in [i for i in committed if i < first]:  # only shards still running can need them
+                del committed[i]
             registry.store.write_bytes(f"{job_dir}/_done/unit-{unit:06d}.json", done.record.model_dump_json().encode())
             records[unit] = done.record
             bar.update(shards[unit][1])
