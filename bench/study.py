@@ -3,6 +3,7 @@
     python bench/study.py --store ./blt-store              # the full study: hours on 2 CPU cores
     python bench/study.py --quick --store /tmp/study-smoke # smoke check: minutes, 1 seed
     python bench/study.py --estimate                       # what the full study would take here, now
+    python bench/study.py --markdown                       # the last finished study as a Markdown table
     python bench/train.py --study [the same options]       # the same program
 
 Steps, each a registry job (download, shuffle, train-entropy, patch, blt-train), so a rerun of
@@ -401,6 +402,9 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
     print(f"runs left: {len(todo)} of {len(cfg.arms) * len(cfg.seeds)}, about {_hours(len(todo) * per_run)} "
           f"at the BLT step time measured at the start", flush=True)
 
+    # A run an earlier invocation trained is found, not trained, here: keep the time that invocation
+    # measured (from the JSON it left), not the fraction of a second it takes to find it.
+    earlier = {r["job_id"]: r.get("seconds") for r in _read_json(out).get("runs", [])}
     runs, measured = [], {}
     for seed in cfg.seeds:
         for arm in cfg.arms:
@@ -410,14 +414,17 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
                 stream = stream_patches(reg, tcfg, steps)
                 stream["flops_per_byte"] = BLT(tcfg.model).flops_per_byte(stream["mean_patch"], tcfg.data.seq_len)
                 measured[arm] = stream
+            found = (arm, seed) not in todo
             start = time.perf_counter()
             result = train(reg, tcfg)
+            seconds = earlier.get(result.job_id) if found else time.perf_counter() - start
             row = {"arm": arm, "seed": seed, "data": data.ref, "model": result.manifest.ref, "job_id": result.job_id,
-                   "steps": steps, "val_bpb": result.val_bpb, "seconds": time.perf_counter() - start,
+                   "steps": steps, "val_bpb": result.val_bpb, "seconds": seconds,
                    "dataset_mean_patch_length": data.stats.mean_patch_length, **measured[arm]}
             runs.append(row)
-            print(f"  {arm:<8} seed {seed}: val {result.val_bpb:.4f} bits/byte ({result.manifest.ref}, "
-                  f"{row['seconds']:.0f} s)", flush=True)
+            took = "trained earlier" if seconds is None else f"{seconds:.0f} s" + (", earlier" if found else "")
+            print(f"  {arm:<8} seed {seed}: val {result.val_bpb:.4f} bits/byte ({result.manifest.ref}, {took})",
+                  flush=True)
             results["runs"] = runs
             write_json(out, results)  # a partial table survives an interrupted study
 
@@ -425,6 +432,13 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
     results["seconds"] = time.perf_counter() - t0
     write_json(out, results)
     return results
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def write_json(path: Path, results: dict) -> None:
@@ -451,6 +465,25 @@ def print_table(results: dict) -> None:
         print("(a smoke run: the numbers check the program, they are not a result)")
 
 
+def markdown_table(results: dict) -> str:
+    """The per-arm table as Markdown (README's study section is pasted from this), then each run."""
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = ["| arm | seeds | val bits/byte, mean ± std | min..max | minus static (paired) | bytes/patch trained "
+             "| MFLOP/byte |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["arms"]:
+        diff = "-" if r.get("minus_static_mean") is None else (
+            f"{r['minus_static_mean']:+.4f} ± {num(r.get('minus_static_std'), '.4f')}")
+        lines.append(f"| {r['arm']} | {r['seeds']} | **{r['val_bpb_mean']:.4f}** ± {num(r['val_bpb_std'], '.4f')} "
+                     f"| {r['val_bpb_min']:.4f}..{r['val_bpb_max']:.4f} | {diff} | {r['mean_patch']:.2f} "
+                     f"| {r['flops_per_byte'] / 1e6:.2f} |")
+    runs = "; ".join(f"{r['arm']} {r['seed']}: {r['val_bpb']:.4f}"
+                     + ("" if r.get("seconds") is None else f" ({r['seconds'] / 60:.1f} min)")
+                     for r in sorted(results["runs"], key=lambda r: (r["arm"], r["seed"])))
+    return "\n".join(lines) + f"\n\nEach run (arm seed: val bits/byte): {runs}."
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", default="blt-store", help="registry store (local folder or s3://...)")
@@ -459,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="JSON result (default bench/results/study.json, study-quick.json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--estimate", action="store_true", help="download and shuffle, print the time estimate, stop")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the results of the last finished study (--out) as a Markdown table; runs nothing")
     p.add_argument("overrides", nargs="*", help="StudyConfig fields as key=value (e.g. seeds=[0,1] chunks=[0])")
     args = p.parse_args(argv)
     base = QUICK if args.quick else StudyConfig()
@@ -467,6 +502,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as e:
         raise SystemExit(f"invalid study config: {e}") from None
     out = Path(args.out) if args.out else REPO / "bench" / "results" / ("study-quick.json" if args.quick else "study.json")
+    if args.markdown:
+        results = _read_json(out)
+        if "arms" not in results:
+            raise SystemExit(f"{out}: no finished study there (run the study first)")
+        print(markdown_table(results))
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     # The patch job's and trainer's progress lines (calibration draws, units, checkpoints) show
     # that a step of hours is moving, also with --no-progress.

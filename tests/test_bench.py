@@ -41,3 +41,21 @@ def test_study_builds_every_job_config(tmp_path):
         data = Manifest(name="p", version=1, kind="patches", job_id="j")
         run = study.train_config(cfg, data, "static", 0, 500, tmp_path, False)
         assert run.steps == 500 and run.data.dataset == data.ref
+
+
+def test_study_summary_pairs_each_arm_with_static_by_seed(tmp_path):
+    study = load("study")
+    runs = [{"arm": arm, "seed": seed, "data": f"{arm}@v1", "val_bpb": bpb, "seconds": 60.0, "mean_patch": 4.0,
+             "dataset_mean_patch_length": 4.0, "flops_per_byte": 3e6, "train_bytes": 10}
+            for arm, seed, bpb in [("entropy", 0, 1.80), ("static", 0, 1.85), ("entropy", 1, 1.90),
+                                   ("static", 1, 1.91), ("space", 0, 1.70)]]
+    arms = {r["arm"]: r for r in study.summarise(runs, ["entropy", "static", "space"])}
+    assert arms["entropy"]["val_bpb_mean"] == pytest.approx(1.85)
+    assert arms["entropy"]["minus_static_mean"] == pytest.approx((-0.05 - 0.01) / 2)
+    assert arms["space"]["minus_static_std"] is None and arms["space"]["minus_static_mean"] == pytest.approx(-0.15)
+    assert "minus_static_mean" not in arms["static"]
+    out = tmp_path / "study.json"
+    out.write_text(__import__("json").dumps({"arms": list(arms.values()), "runs": runs}))
+    study.main(["--markdown", "--out", str(out)])  # prints; a missing field would raise
+    with pytest.raises(SystemExit, match="no finished study"):
+        study.main(["--markdown", "--out", str(tmp_path / "missing.json")])
