@@ -429,7 +429,7 @@ def run_study(reg: Registry, cfg: StudyConfig, runs_dir: Path, progress: bool, o
             write_json(out, results)  # a partial table survives an interrupted study
 
     results["arms"] = summarise(runs, cfg.arms)
-    results["seconds"] = time.perf_counter() - t0
+    results["invocation_seconds"] = time.perf_counter() - t0  # this command only: a rerun finds earlier work
     write_json(out, results)
     return results
 
