@@ -14,9 +14,10 @@ resumes from its last checkpoint (every `checkpoint_every` steps of the `study` 
   2. an entropy model trained on the train split with the `study` entropy preset (~3.5M
      parameters, about an hour of CPU), its val bits per byte printed next to the shipped
      default's on the same val bytes;
-  3. three patches datasets of the same documents (the chosen train chunks, >= 10 MB, and val):
+  3. four patches datasets of the same documents (the chosen train chunks, >= 10 MB, and val):
      `entropy` (global threshold calibrated to a mean of `target_patch_size` = 4 bytes),
-     `static` (`static_patch_size` = 4), `space`;
+     `static` (`static_patch_size` = 4), `space`, and `static8` (about space's mean patch on this
+     corpus, so space also meets a static arm of its own FLOPs per byte; any `static<N>` arm works);
   4. the `study` BLT (train preset `study`) trained on each arm with every seed: the same steps x
      batch x seq_len tokens for every arm, `steps` = 2,442 (10 M tokens, the first 84% of an epoch
      of the train split; `steps=None` trains one whole epoch); every arm holds the same documents,
@@ -27,7 +28,7 @@ resumes from its last checkpoint (every `checkpoint_every` steps of the `study` 
      measured mean patch size and FLOPs per byte (`BLT.flops_per_byte`). Entropy and static
      patches have (about) the same mean patch size and so the same FLOPs per byte; space patches
      are shorter or longer as the text has it, so that arm trains on the same bytes with
-     *other* FLOPs per byte (reported, not equalised).
+     *other* FLOPs per byte (reported, not equalised): static8 is its FLOP-matched partner.
 
 Bits per byte, as counted here: the one count of the trainer (README, "Bits per byte"; the
 targets come from `blt_data.packing`): every non-pad next token of the packed stream is a target,
@@ -50,12 +51,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from blt_data.calibrate import MAX_SAMPLE_GROWTH
 from blt_data.download import DownloadConfig, download
@@ -78,7 +79,9 @@ from blt_model.train_entropy import (
 from pipelines.patch_job import PatchJobConfig, plan_patch_job, run_patch_job
 
 REPO = Path(__file__).resolve().parents[1]
-Arm = Literal["entropy", "static", "space"]
+# "static" is static_patch_size; "static<N>" another size (static8: about the space arm's patch
+# length, so space is compared with a static arm of its own FLOPs per byte too).
+Arm = Annotated[str, StringConstraints(pattern=r"^(entropy|space|static([1-9][0-9]*)?)$")]
 
 
 class StudyConfig(BaseModel):
@@ -94,7 +97,7 @@ class StudyConfig(BaseModel):
     entropy_overrides: list[str] = Field(default_factory=list)
     target_patch_size: float = Field(4.0, gt=0, description="entropy arm: calibrated mean patch size, bytes")
     static_patch_size: int = Field(4, ge=1, description="static arm: patch size, bytes")
-    arms: list[Arm] = Field(["entropy", "static", "space"])
+    arms: list[Arm] = Field(["entropy", "static", "space", "static8"], description="entropy, static, space, static<N>")
     seeds: list[int] = Field([0, 1, 2])
     train_preset: str = Field("study", description="blt-train preset (blt_model/presets/train)")
     train_overrides: list[str] = Field(default_factory=list)
@@ -134,9 +137,10 @@ def patch_config(cfg: StudyConfig, shuffled: Manifest, arm: Arm, model_ref: str 
     if arm == "entropy":
         return PatchJobConfig(name=f"{cfg.prefix}-entropy{cfg.target_patch_size:g}", model=model_ref,
                               rule=PatchRule(scheme="entropy", target_patch_size=cfg.target_patch_size), **common)
-    if arm == "static":
-        return PatchJobConfig(name=f"{cfg.prefix}-static{cfg.static_patch_size}", entropies=False,
-                              rule=PatchRule(scheme="static", patch_size=cfg.static_patch_size), **common)
+    if arm.startswith("static"):
+        size = int(arm.removeprefix("static") or cfg.static_patch_size)
+        return PatchJobConfig(name=f"{cfg.prefix}-static{size}", entropies=False,
+                              rule=PatchRule(scheme="static", patch_size=size), **common)
     return PatchJobConfig(name=f"{cfg.prefix}-space", rule=PatchRule(scheme="space"), entropies=False, **common)
 
 

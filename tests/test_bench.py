@@ -37,10 +37,14 @@ def test_study_builds_every_job_config(tmp_path):
         shuffled = Manifest(name=f"{cfg.prefix}-shuffled", version=1, kind="documents", job_id="j")
         for arm in cfg.arms:
             job = study.patch_config(cfg, shuffled, arm, "m@v1" if arm == "entropy" else None)
-            assert job.rule.scheme == arm and job.docs == shuffled.ref
+            assert job.rule.scheme == arm.rstrip("0123456789") and job.docs == shuffled.ref
+        assert study.patch_config(cfg, shuffled, "static8", None).rule.patch_size == 8
+        assert study.patch_config(cfg, shuffled, "static", None).rule.patch_size == cfg.static_patch_size
         data = Manifest(name="p", version=1, kind="patches", job_id="j")
         run = study.train_config(cfg, data, "static", 0, 500, tmp_path, False)
         assert run.steps == 500 and run.data.dataset == data.ref
+    with pytest.raises(ValueError, match="arms"):
+        study.StudyConfig(arms=["static0"])
 
 
 def test_study_summary_pairs_each_arm_with_static_by_seed(tmp_path):
