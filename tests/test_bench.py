@@ -4,6 +4,7 @@ in CI (hours), so this is what catches an API change that leaves a benchmark beh
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_study_summary_pairs_each_arm_with_static_by_seed(tmp_path):
     assert arms["space"]["minus_static_std"] is None and arms["space"]["minus_static_mean"] == pytest.approx(-0.15)
     assert "minus_static_mean" not in arms["static"]
     out = tmp_path / "study.json"
-    out.write_text(__import__("json").dumps({"arms": list(arms.values()), "runs": runs}))
+    out.write_text(json.dumps({"arms": list(arms.values()), "runs": runs}))
     study.main(["--markdown", "--out", str(out)])  # prints; a missing field would raise
     with pytest.raises(SystemExit, match="no finished study"):
         study.main(["--markdown", "--out", str(tmp_path / "missing.json")])
