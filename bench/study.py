@@ -474,7 +474,7 @@ def markdown_table(results: dict) -> str:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    lines = ["| arm | seeds | val bits/byte, mean ± std | min..max | minus static (paired) | bytes/patch trained "
+    lines = ["| arm | seeds | val bits/byte, mean ± std | min..max | minus static (paired by seed) | bytes/patch trained "
              "| MFLOP/byte |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["arms"]:
         diff = "-" if r.get("minus_static_mean") is None else (
