@@ -452,15 +452,17 @@ def write_json(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
-def print_table(results: dict) -> None:
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
+def _num(x: float | None, fmt: str) -> str:
+    """A table cell: "-" where there is no value (a spread over one seed, static's own difference)."""
+    return "-" if x is None else format(x, fmt)
 
+
+def print_table(results: dict) -> None:
     print(f"{'arm':<8} {'data':<26} {'seeds':>5} {'val bpb':>8} {'std':>7} {'min..max':>15} {'-static':>8} "
           f"{'patch B':>7} {'(dataset)':>9} {'MFLOP/B':>8} {'train bytes':>12}")
     for r in results["arms"]:
-        print(f"{r['arm']:<8} {r['data']:<26} {r['seeds']:>5} {r['val_bpb_mean']:>8.4f} {num(r['val_bpb_std'], '.4f'):>7} "
-              f"{r['val_bpb_min']:>7.4f}..{r['val_bpb_max']:.4f} {num(r.get('minus_static_mean'), '+.4f'):>8} "
+        print(f"{r['arm']:<8} {r['data']:<26} {r['seeds']:>5} {r['val_bpb_mean']:>8.4f} {_num(r['val_bpb_std'], '.4f'):>7} "
+              f"{r['val_bpb_min']:>7.4f}..{r['val_bpb_max']:.4f} {_num(r.get('minus_static_mean'), '+.4f'):>8} "
               f"{r['mean_patch']:>7.2f} {r['dataset_mean_patch_length']:>9.2f} {r['flops_per_byte'] / 1e6:>8.2f} "
               f"{r['train_bytes']:>12,}")
     print("patch B: bytes per patch over the trained batches (BOS/EOS patches and row-edge cuts included: what the "
@@ -471,15 +473,12 @@ def print_table(results: dict) -> None:
 
 def markdown_table(results: dict) -> str:
     """The per-arm table as Markdown (README's study section is pasted from this), then each run."""
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
     lines = ["| arm | seeds | val bits/byte, mean ± std | min..max | minus static (paired by seed) | bytes/patch trained "
              "| MFLOP/byte |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["arms"]:
         diff = "-" if r.get("minus_static_mean") is None else (
-            f"{r['minus_static_mean']:+.4f} ± {num(r.get('minus_static_std'), '.4f')}")
-        lines.append(f"| {r['arm']} | {r['seeds']} | **{r['val_bpb_mean']:.4f}** ± {num(r['val_bpb_std'], '.4f')} "
+            f"{r['minus_static_mean']:+.4f} ± {_num(r.get('minus_static_std'), '.4f')}")
+        lines.append(f"| {r['arm']} | {r['seeds']} | **{r['val_bpb_mean']:.4f}** ± {_num(r['val_bpb_std'], '.4f')} "
                      f"| {r['val_bpb_min']:.4f}..{r['val_bpb_max']:.4f} | {diff} | {r['mean_patch']:.2f} "
                      f"| {r['flops_per_byte'] / 1e6:.2f} |")
     runs = "; ".join(f"{r['arm']} {r['seed']}: {r['val_bpb']:.4f}"
